@@ -1,0 +1,75 @@
+"""`flask --app app ...` commands: database, catalog, demo data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from flask import Flask, current_app
+from flask.cli import AppGroup
+
+from portal.config import ROOT
+from portal.db import new_session
+
+catalog_cli = AppGroup("catalog", help="The topic catalog.")
+
+
+def init_app(app: Flask) -> None:
+    app.cli.add_command(catalog_cli)
+    app.cli.add_command(migrate)
+    app.cli.add_command(demo)
+
+
+def alembic_config(url: str) -> object:
+    from alembic.config import Config
+
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+@click.command("migrate", help="Bring the database schema up to date (Alembic).")
+def migrate() -> None:
+    from alembic import command
+
+    url = current_app.config["DATABASE_URL"]
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(url), "head")  # type: ignore[arg-type]
+    click.echo("database is up to date")
+
+
+@catalog_cli.command("load", help="Load the catalog file; changed wording gets a new version.")
+@click.option("--path", default=None, help="Catalog file (default: CARNET_CATALOG_PATH).")
+def load_catalog(path: str | None) -> None:
+    from portal.services.catalog import CatalogError, load_catalog_file, sync_catalog
+
+    try:
+        spec = load_catalog_file(path or current_app.config["CATALOG_PATH"])
+    except CatalogError as exc:
+        raise click.ClickException(str(exc)) from exc
+    session = new_session(current_app._get_current_object())  # type: ignore[attr-defined]
+    with session.begin():
+        report = sync_catalog(session, spec)
+    click.echo(f"catalog loaded: {len(spec.topics)} topics; added {report.added or '-'}, "
+               f"reworded {report.reworded or '-'}, withdrawn {report.deactivated or '-'}")
+
+
+@click.command("demo", help="Create the demo customer (once) and print how to sign in.")
+def demo() -> None:
+    from portal.services.demo import ensure_demo
+
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    session = new_session(app)
+    with session.begin():
+        customer, password = ensure_demo(session)
+    with app.test_request_context(base_url=app.config["BASE_URL"]):
+        from portal.web.links import manage_link
+
+        link = manage_link(customer)
+    click.echo("")
+    click.echo(f"  Demo customer: {customer.email}")
+    click.echo(f"  Password:      {password}")
+    click.echo(f"  Magic link:    {link}")
+    click.echo("")

@@ -1,0 +1,88 @@
+"""Error answers: friendly localized pages for people, RFC 9457 problem+json under /api."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify, render_template, request
+from flask_babel import gettext as _
+from flask_wtf.csrf import CSRFError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("carnet.errors")
+
+
+def _wants_problem() -> bool:
+    return request.path.startswith("/api/") or request.path.startswith("/wallet/")
+
+
+def problem(status: int, type_: str, title: str, detail: str | None = None,
+            **extra: object) -> Response:
+    body: dict[str, object] = {"type": f"https://carnet.dev/problems/{type_}", "title": title,
+                               "status": status}
+    if detail:
+        body["detail"] = detail
+    body.update(extra)
+    response = jsonify(body)
+    response.status_code = status
+    response.mimetype = "application/problem+json"
+    return response
+
+
+def _titles() -> dict[int, str]:
+    return {
+        400: _("The request could not be understood."),
+        403: _("You are not allowed to do that."),
+        404: _("This page does not exist."),
+        405: _("This page cannot be used that way."),
+        413: _("What you sent is too large."),
+        429: _("Too many requests. Please wait a moment."),
+        500: _("Something went wrong on our side. Your data is safe; please try again."),
+        503: _("The service is briefly unavailable. Please try again in a moment."),
+    }
+
+
+def init_app(app: Flask) -> None:
+    @app.errorhandler(CSRFError)
+    def _csrf(exc: CSRFError) -> tuple[str, int] | Response:
+        if _wants_problem():
+            return problem(400, "csrf", "CSRF token missing or invalid")
+        return render_template("errors/error.html", code=400, message=_(
+            "This form expired or was sent from elsewhere. Go back, reload the page and try "
+            "again.")), 400
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> tuple[str, int] | Response:
+        code = exc.code or 500
+        if _wants_problem():
+            response = problem(code, exc.name.lower().replace(" ", "-"), exc.name,
+                               exc.description)
+        else:
+            message = _titles().get(code, exc.name)
+            response = Response(render_template("errors/error.html", code=code,
+                                                message=message), status=code)
+        if code == 429 and exc.response is not None and exc.response.headers.get("Retry-After"):
+            response.headers["Retry-After"] = exc.response.headers["Retry-After"]
+        return response
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(DBAPIError)
+    def _database(exc: Exception) -> Response:
+        log.error("database unavailable: %s", exc)
+        if _wants_problem():
+            response = problem(503, "unavailable", "Database unavailable",
+                               "Retry after the number of seconds in Retry-After.")
+        else:
+            response = Response(render_template("errors/error.html", code=503,
+                                                message=_titles()[503]), status=503)
+        response.headers["Retry-After"] = "5"
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error")
+        if _wants_problem():
+            return problem(500, "internal", "Internal error")
+        return Response(render_template("errors/error.html", code=500,
+                                        message=_titles()[500]), status=500)

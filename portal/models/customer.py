@@ -1,0 +1,46 @@
+"""The customer: identity and contact points. Preferences live in consent and contact rules."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from portal.db import Base, BigID, UTCDateTime, utcnow
+
+
+class Customer(Base):
+    __tablename__ = "customers"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    # Opaque id shown to people and API clients; the integer key never leaves the database.
+    public_id: Mapped[str] = mapped_column(String(40), unique=True)
+    email: Mapped[str | None] = mapped_column(String(320), unique=True)
+    email_verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    pending_email: Mapped[str | None] = mapped_column(String(320))
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    phone: Mapped[str | None] = mapped_column(String(20), unique=True)
+    postal_address: Mapped[str | None] = mapped_column(Text)
+    locale: Mapped[str | None] = mapped_column(String(8))
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    # Bumped when the password changes: older sessions and links stop working.
+    auth_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set when this record was merged into another; decisions follow the survivor.
+    merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"))
+
+
+class ExternalId(Base):
+    """An identifier the brand's other systems use for the same person (CRM id, shop id)."""
+
+    __tablename__ = "customer_external_ids"
+    __table_args__ = (UniqueConstraint("namespace", "value"),)
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    namespace: Mapped[str] = mapped_column(String(64))
+    value: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,174 @@
+"""Accounts: sign up, verification, passwords, email changes. Answers never reveal whether an
+address has an account; callers get the same outcome shape either way."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import phonenumbers
+from email_validator import EmailNotValidError, validate_email
+from passlib.context import CryptContext
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from portal.db import utcnow
+from portal.models.customer import Customer
+from portal.services import changes
+
+passwords = CryptContext(schemes=["argon2", "bcrypt"], deprecated="auto")
+# Verified against when the address is unknown, so a miss costs as much time as a hit.
+_DUMMY_HASH = passwords.hash(secrets.token_urlsafe(16))
+MIN_PASSWORD = 10
+MAX_PASSWORD = 256
+
+
+class AccountError(ValueError):
+    def __init__(self, code: str, field: str) -> None:
+        super().__init__(code)
+        self.code = code
+        self.field = field
+
+
+def new_public_id() -> str:
+    return "cus_" + secrets.token_urlsafe(12).replace("-", "x").replace("_", "y")
+
+
+def normalize_email(raw: str) -> str:
+    try:
+        result = validate_email((raw or "").strip(), check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise AccountError("invalid_email", "email") from exc
+    return result.normalized.lower()
+
+
+def normalize_phone(raw: str, region: str | None = None) -> str:
+    """E.164, validated; a number without a country code is read in ``region``."""
+    try:
+        number = phonenumbers.parse((raw or "").strip(), region)
+    except phonenumbers.NumberParseException as exc:
+        raise AccountError("invalid_phone", "phone") from exc
+    if not phonenumbers.is_valid_number(number):
+        raise AccountError("invalid_phone", "phone")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def check_password(password: str, email: str | None = None) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise AccountError("password_too_short", "password")
+    if len(password) > MAX_PASSWORD:
+        raise AccountError("password_too_long", "password")
+    if email and password.strip().lower() == email.lower():
+        raise AccountError("password_is_email", "password")
+
+
+def find_by_email(session: Session, email: str) -> Customer | None:
+    return session.scalars(select(Customer).where(Customer.email == email)).first()
+
+
+def find_by_public_id(session: Session, public_id: str) -> Customer | None:
+    return session.scalars(select(Customer).where(Customer.public_id == public_id)).first()
+
+
+def create_customer(
+    session: Session,
+    email: str | None,
+    *,
+    password: str | None = None,
+    phone: str | None = None,
+    locale: str | None = None,
+    timezone: str | None = None,
+    postal_address: str | None = None,
+    source: str = "portal",
+) -> Customer:
+    if email and find_by_email(session, email) is not None:
+        raise AccountError("email_taken", "email")
+    if phone and session.scalars(select(Customer).where(Customer.phone == phone)).first():
+        raise AccountError("phone_taken", "phone")
+    customer = Customer(
+        public_id=new_public_id(), email=email, phone=phone, locale=locale, timezone=timezone,
+        postal_address=postal_address,
+        password_hash=passwords.hash(password) if password else None,
+    )
+    session.add(customer)
+    session.flush()
+    changes.emit(session, "customer.created", {"customer": customer.public_id,
+                                               "source": source}, customer.id)
+    return customer
+
+
+@dataclass(frozen=True)
+class SignupResult:
+    customer: Customer
+    created: bool  # False: the address had an account; tell its owner, not the requester
+
+
+def signup(session: Session, email: str, password: str, locale: str | None) -> SignupResult:
+    email = normalize_email(email)
+    check_password(password, email)
+    existing = find_by_email(session, email)
+    if existing is not None:
+        return SignupResult(existing, False)
+    return SignupResult(create_customer(session, email, password=password, locale=locale), True)
+
+
+def authenticate(session: Session, email: str, password: str) -> Customer | None:
+    """The customer if the password matches; upgrades old hashes on the way."""
+    try:
+        email = normalize_email(email)
+    except AccountError:
+        email = ""
+    customer = find_by_email(session, email) if email else None
+    if customer is None or not customer.password_hash or customer.erased_at is not None:
+        passwords.verify(password, _DUMMY_HASH)
+        return None
+    ok, new_hash = passwords.verify_and_update(password, customer.password_hash)
+    if not ok:
+        return None
+    if new_hash:
+        customer.password_hash = new_hash
+    return customer
+
+
+def verify_password(customer: Customer, password: str) -> bool:
+    if not customer.password_hash:
+        return False
+    return bool(passwords.verify(password, customer.password_hash))
+
+
+def mark_email_verified(session: Session, customer: Customer, email: str) -> bool:
+    """True if this verified the address now (a stale link for an old address does nothing)."""
+    if customer.email != email:
+        return False
+    if customer.email_verified_at is None:
+        customer.email_verified_at = utcnow()
+        changes.emit(session, "customer.updated", {"customer": customer.public_id,
+                                                   "fields": ["email_verified"]}, customer.id)
+    return True
+
+
+def set_password(session: Session, customer: Customer, password: str) -> None:
+    """New password; every other session and outstanding reset link stops working."""
+    check_password(password, customer.email)
+    customer.password_hash = passwords.hash(password)
+    customer.auth_epoch += 1
+
+
+def request_email_change(session: Session, customer: Customer, new_email: str) -> str:
+    new_email = normalize_email(new_email)
+    if new_email == customer.email:
+        raise AccountError("same_email", "email")
+    customer.pending_email = new_email
+    return new_email
+
+
+def confirm_email_change(session: Session, customer: Customer, new_email: str) -> None:
+    if customer.pending_email != new_email:
+        raise AccountError("stale_link", "email")
+    if find_by_email(session, new_email) is not None:
+        raise AccountError("email_taken", "email")
+    customer.email = new_email
+    customer.pending_email = None
+    customer.email_verified_at = utcnow()
+    changes.emit(session, "customer.updated", {"customer": customer.public_id,
+                                               "fields": ["email"]}, customer.id)

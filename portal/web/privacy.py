@@ -1,0 +1,55 @@
+"""Download my data; delete my account."""
+
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, Response, flash, redirect, render_template, request, url_for
+from flask_babel import gettext as _
+
+from portal.auth import current_customer, login_required, sign_out
+from portal.db import get_session
+from portal.services import catalog as catalog_service
+from portal.services.consent import Proof
+from portal.services.privacy import erase_customer, export_data
+from portal.web.account import needs_password_message, sensitive_allowed
+from portal.web.forms import DeleteForm, PlainForm
+
+bp = Blueprint("privacy", __name__)
+
+
+@bp.post("/account/export")
+@login_required
+def export() -> Response:
+    customer = current_customer()
+    assert customer is not None
+    if not PlainForm().validate_on_submit():
+        flash(_("The form expired. Please try again."), "error")
+        return redirect(url_for("account.settings"))  # type: ignore[return-value]
+    db = get_session()
+    data = export_data(db, customer, catalog_service.get_catalog(db))
+    body = json.dumps(data, indent=2, ensure_ascii=False)
+    return Response(body, mimetype="application/json", headers={
+        "Content-Disposition": f'attachment; filename="carnet-{customer.public_id}.json"',
+        "Cache-Control": "no-store",
+    })
+
+
+@bp.route("/account/delete", methods=["GET", "POST"])
+@login_required
+def delete() -> str | Response | tuple[str, int]:
+    customer = current_customer()
+    assert customer is not None
+    form = DeleteForm()
+    if form.validate_on_submit():
+        if not sensitive_allowed(form.current_password.data):
+            form.current_password.errors.append(needs_password_message())
+        else:
+            db = get_session()
+            with db.begin():
+                erase_customer(db, customer, Proof(
+                    "portal", f"customer:{customer.public_id}", request.remote_addr,
+                    request.headers.get("User-Agent")), catalog_service.get_catalog(db))
+            sign_out()
+            return render_template("account/deleted.html")
+    return render_template("account/delete.html", form=form), (422 if form.errors else 200)
