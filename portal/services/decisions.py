@@ -221,11 +221,12 @@ def _quiet_until(p: Pressure, at: datetime) -> datetime | None:
 def _cap_until(p: Pressure, at: datetime) -> datetime | None:
     if p.max_per_week is None:
         return None
+    limit = max(1, p.max_per_week)  # input allows 1..100; "none at all" is the channel switch
     window = sorted(t for t in p.recent_sends if at - WEEK < t <= at)
-    if len(window) < p.max_per_week:
+    if len(window) < limit:
         return None
     # The cap frees up when enough of the oldest sends leave the 7-day window.
-    return window[len(window) - p.max_per_week] + WEEK
+    return window[len(window) - limit] + WEEK
 
 
 def _pressure(p: Pressure, at: datetime) -> tuple[str | None, datetime | None]:

@@ -150,7 +150,7 @@ def set_contact_pressure(session: Session, customer: Customer, timezone: str,
                                                            customer.id))
     }
     for channel, rule in rules.items():
-        if rule.max_per_week is not None and not 0 <= rule.max_per_week <= 100:
+        if rule.max_per_week is not None and not 1 <= rule.max_per_week <= 100:
             raise AccountError("invalid_cap", f"cap_{channel}")
         if (rule.quiet_start is None) != (rule.quiet_end is None):
             raise AccountError("incomplete_quiet_hours", f"quiet_{channel}")

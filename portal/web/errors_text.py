@@ -18,7 +18,7 @@ def account_error(code: str) -> str:
         "password_is_email": _("Your password cannot be your email address."),
         "address_too_long": _("The address is too long."),
         "invalid_timezone": _("Choose a time zone from the list."),
-        "invalid_cap": _("Choose a number between 0 and 100, or no limit."),
+        "invalid_cap": _("Choose a number between 1 and 100, or leave it empty for no limit."),
         "incomplete_quiet_hours": _("Give both the start and the end of quiet hours."),
         "invalid_time": _("Enter a time as HH:MM."),
         "stale_link": _("This link is no longer valid."),

@@ -1,0 +1,68 @@
+# Carnet — every target sets up what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 5000
+CHROMIUM_PATH ?= /usr/bin/chromium
+export CHROMIUM_PATH
+
+.PHONY: run test serve setup-run setup-test chromium translations translations-extract \
+        translations-update translations-compile bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.run-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.run-installed
+
+setup-run: $(VENV)/.run-installed translations-compile
+	$(BIN)/flask --app app migrate
+	$(BIN)/flask --app app catalog load
+	$(BIN)/flask --app app demo
+
+## make run: set up, migrate the SQLite database, load catalog and demo data, serve the portal.
+run: setup-run
+	$(BIN)/flask --app app run --host $(HOST) --port $(PORT)
+
+## make test: install test extras, find or install Chromium, run the whole suite.
+test: $(VENV)/.test-installed translations-compile chromium
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+chromium:
+	@if [ -x "$(CHROMIUM_PATH)" ]; then \
+	  echo "chromium: $(CHROMIUM_PATH)"; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null; \
+	else \
+	  echo "Chromium not found at $(CHROMIUM_PATH): install it (Debian: apt-get install chromium) or set CHROMIUM_PATH" >&2; exit 1; \
+	fi
+
+translations: translations-extract translations-update translations-compile
+
+translations-extract: $(VENV)/.run-installed
+	$(BIN)/pybabel extract -F babel.cfg -k _l -k lazy_gettext --no-location \
+	  --project Carnet -o translations/messages.pot .
+
+translations-update: $(VENV)/.run-installed
+	$(BIN)/pybabel update --no-fuzzy-matching -i translations/messages.pot -d translations
+
+translations-compile: $(VENV)/.run-installed
+	$(BIN)/pybabel compile --statistics -d translations
+
+bench: $(VENV)/.test-installed
+	@for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check portal passes tests bench
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
