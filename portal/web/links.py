@@ -14,7 +14,13 @@ def token(purpose: str, payload: dict[str, Any]) -> str:
     return tokens.make_token(current_app.config["SECRET_KEY"], purpose, payload)
 
 
+# Purposes whose lifetime a deployment may choose, in days.
+CONFIGURED_AGES = {"manage": "LINK_MAX_AGE_DAYS", "unsubscribe": "UNSUBSCRIBE_MAX_AGE_DAYS"}
+
+
 def read(purpose: str, value: str, max_age: int | None = None) -> dict[str, Any]:
+    if max_age is None and purpose in CONFIGURED_AGES:
+        max_age = int(current_app.config[CONFIGURED_AGES[purpose]]) * 24 * 3600
     return tokens.read_token(current_app.config["SECRET_KEY"], purpose, value, max_age)
 
 
