@@ -43,11 +43,12 @@ def send(
     message["Date"] = formatdate(localtime=False)
     domain = current_app.config["MAIL_FROM"].rsplit("@", 1)[-1].strip(">") or "carnet.local"
     message["Message-ID"] = f"<{uuid.uuid4().hex}@{domain}>"
-    message["Content-Language"] = locale or "en"
     if unsubscribe:
         for name, value in unsubscribe.items():
             message[name] = value
     message.set_content(text)
     message.add_alternative(html, subtype="html")
+    # After the body: set_content() drops every Content-* header set before it.
+    message["Content-Language"] = locale or "en"
     current_app.extensions["carnet.mail"].send(message)
     return message

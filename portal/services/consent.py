@@ -125,7 +125,9 @@ def record_consent(
         if row is None:
             session.add(ConsentState(customer_id=customer.id, topic_key=key[0], channel=key[1],
                                      state=state, event_id=event.id, updated_at=now))
-        elif row.event_id < event.id:
+        elif (row.updated_at, row.event_id) < (now, event.id):
+            # The most recent choice wins, not the last one written: a back-dated event (an
+            # imported paper form) stays in the history without undoing a newer choice.
             row.state, row.event_id, row.updated_at = state, event.id, now
     changes.emit(session, "consent.changed", {
         "customer": customer.public_id, "topic": topic_key, "channel": channel, "state": state,

@@ -20,7 +20,7 @@ from portal.i18n import LOCALES
 from portal.services import accounts
 from portal.services.accounts import AccountError
 from portal.services.tokens import TokenError, fingerprint
-from portal.web import links
+from portal.web import links, local_path, transaction
 from portal.web.errors_text import account_error
 from portal.web.forms import (
     ChangeEmailForm,
@@ -50,9 +50,7 @@ def _throttled(name: str, key: str) -> str | None:
 
 
 def _safe_next(target: str | None) -> str:
-    if target and target.startswith("/") and not target.startswith("//"):
-        return target
-    return url_for("preferences.page")
+    return local_path(target) or url_for("preferences.page")
 
 
 @bp.route("/signup", methods=["GET", "POST"])
@@ -64,7 +62,7 @@ def signup() -> str | Response:
             flash(problem, "error")
             return render_template("account/signup.html", form=form), 429
         try:
-            with get_session().begin():
+            with transaction(get_session()):
                 result = accounts.signup(get_session(), form.email.data or "",
                                          form.password.data or "", _locale())
         except AccountError as exc:
@@ -74,7 +72,8 @@ def signup() -> str | Response:
         if result.created:
             mailer.send(customer.email or "", "verify", customer.locale,
                         link=links.external("account.verify", token=links.token(
-                            "verify-email", {"c": customer.public_id, "m": customer.email})))
+                            "verify-email", {"c": customer.public_id, "m": customer.email,
+                                             "e": customer.auth_epoch})))
         else:
             mailer.send(customer.email or "", "already_registered", customer.locale,
                         login=links.external("account.login"),
@@ -93,11 +92,16 @@ def verify(token: str) -> str | Response:
     except TokenError as exc:
         return _bad_link(exc.reason)
     session_db = get_session()
-    with session_db.begin():
+    with transaction(session_db):
         customer = accounts.find_by_public_id(session_db, str(data.get("c")))
         if customer is None or not accounts.mark_email_verified(session_db, customer,
                                                                 str(data.get("m"))):
             return _bad_link("invalid")
+    if customer.auth_epoch != data.get("e"):
+        # The link also signs in, but not once the password changed (e.g. after a reset
+        # because someone else had the mailbox): the address is confirmed, nothing more.
+        flash(_("Your email address is confirmed. Sign in to continue."), "success")
+        return redirect(url_for("account.login"))
     sign_in(customer, "link")
     flash(_("Your email address is confirmed. Welcome!"), "success")
     return redirect(url_for("preferences.page"))
@@ -112,7 +116,7 @@ def login() -> str | Response:
         if problem:
             flash(problem, "error")
             return render_template("account/login.html", form=form), 429
-        with get_session().begin():
+        with transaction(get_session()):
             customer = accounts.authenticate(get_session(), email, form.password.data or "")
         if customer is None:
             flash(_("That email and password do not match."), "error")
@@ -180,7 +184,7 @@ def reset(token: str) -> str | Response:
     form = ResetForm()
     if form.validate_on_submit():
         try:
-            with db.begin():
+            with transaction(db):
                 accounts.set_password(db, customer, form.password.data or "")
         except AccountError as exc:
             form.password.errors.append(account_error(exc.code))
@@ -252,7 +256,7 @@ def change_email() -> str | Response | tuple[str, int]:
         else:
             db = get_session()
             try:
-                with db.begin():
+                with transaction(db):
                     new = accounts.request_email_change(db, customer, form.email.data or "")
             except AccountError as exc:
                 form.email.errors.append(account_error(exc.code))
@@ -281,7 +285,7 @@ def confirm_email(token: str) -> str | Response | tuple[str, int]:
     if customer is None:
         return _bad_link("invalid")
     try:
-        with db.begin():
+        with transaction(db):
             accounts.confirm_email_change(db, customer, str(data.get("m")))
     except AccountError:
         return _bad_link("used")
@@ -302,7 +306,7 @@ def change_password() -> str | Response | tuple[str, int]:
         else:
             db = get_session()
             try:
-                with db.begin():
+                with transaction(db):
                     accounts.set_password(db, customer, form.password.data or "")
             except AccountError as exc:
                 form.password.errors.append(account_error(exc.code))

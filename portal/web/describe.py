@@ -26,7 +26,7 @@ def channel_label(channel: str) -> str:
 
 def source_phrase(source: str) -> str:
     phrases = {
-        "portal": _("on this page"),
+        "portal": _("on your preferences page"),
         "link": _("from a link in an email"),
         "one_click": _("with one click from your mailbox"),
         "double_opt_in": _("by confirming by email"),

@@ -8,6 +8,7 @@ from werkzeug.wrappers import Response
 from portal.auth import current_customer
 from portal.db import get_session
 from portal.i18n import LOCALES
+from portal.web import local_path, transaction
 from portal.web.forms import PlainForm
 
 bp = Blueprint("main", __name__)
@@ -28,12 +29,9 @@ def set_locale() -> Response:
         session["locale"] = locale
         customer = current_customer()
         if customer is not None:
-            with get_session().begin():
+            with transaction(get_session()):
                 customer.locale = locale
-    target = request.form.get("next", "")
-    if not target.startswith("/") or target.startswith("//"):
-        target = url_for("main.index")
-    return redirect(target)
+    return redirect(local_path(request.form.get("next")) or url_for("main.index"))
 
 
 @bp.get("/healthz")

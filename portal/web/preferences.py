@@ -23,7 +23,7 @@ from portal.services.catalog import Catalog
 from portal.services.consent import Proof, current_states, history
 from portal.services.decisions import consent_matrix
 from portal.services.tokens import TokenError
-from portal.web import links
+from portal.web import links, transaction
 from portal.web.describe import describe
 from portal.web.errors_text import account_error
 from portal.web.forms import ContactForm, PlainForm
@@ -110,7 +110,7 @@ def save() -> str | Response | tuple[str, int]:
                                if request.form.get(f"off:{ch}") == "on"),
         paused=request.form.get("paused") == "on",
     )
-    with db.begin():
+    with transaction(db):
         applied = prefs.apply_preferences(
             db, customer, catalog, wanted, proof(),
             double_opt_in=current_app.config["EMAIL_DOUBLE_OPT_IN"],
@@ -142,7 +142,7 @@ def contact() -> str | Response | tuple[str, int]:
     if form.validate_on_submit():
         region = "FR" if (customer.locale or "") == "fr" else None
         try:
-            with db.begin():
+            with transaction(db):
                 prefs.update_contact_points(db, customer, phone=form.phone.data,
                                             postal_address=form.postal_address.data,
                                             region=region)
@@ -186,7 +186,7 @@ def pressure() -> str | Response | tuple[str, int]:
                 _parse_time(request.form.get(f"quiet_start_{ch}"), f"quiet_{ch}"),
                 _parse_time(request.form.get(f"quiet_end_{ch}"), f"quiet_{ch}"),
             )
-        with db.begin():
+        with transaction(db):
             prefs.set_contact_pressure(db, customer, request.form.get("timezone", ""), rules)
     except AccountError as exc:
         db.rollback()
@@ -229,7 +229,7 @@ def confirm(token: str) -> str | Response | tuple[str, int]:
     catalog = catalog_service.get_catalog(db)
     form = PlainForm()
     if request.method == "POST" and form.validate_on_submit():
-        with db.begin():
+        with transaction(db):
             confirmed = prefs.confirm_pending_email(
                 db, customer, catalog, topics,
                 Proof("double_opt_in", f"customer:{customer.public_id}", request.remote_addr,

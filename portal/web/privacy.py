@@ -12,6 +12,7 @@ from portal.db import get_session
 from portal.services import catalog as catalog_service
 from portal.services.consent import Proof
 from portal.services.privacy import erase_customer, export_data
+from portal.web import transaction
 from portal.web.account import needs_password_message, sensitive_allowed
 from portal.web.forms import DeleteForm, PlainForm
 
@@ -46,7 +47,7 @@ def delete() -> str | Response | tuple[str, int]:
             form.current_password.errors.append(needs_password_message())
         else:
             db = get_session()
-            with db.begin():
+            with transaction(db):
                 erase_customer(db, customer, Proof(
                     "portal", f"customer:{customer.public_id}", request.remote_addr,
                     request.headers.get("User-Agent")), catalog_service.get_catalog(db))

@@ -15,7 +15,7 @@ from portal.services import catalog as catalog_service
 from portal.services.accounts import find_by_public_id
 from portal.services.consent import ConsentError, Proof, record_consent
 from portal.services.tokens import TokenError
-from portal.web import links
+from portal.web import links, transaction
 from portal.web.forms import PlainForm
 
 bp = Blueprint("unsubscribe", __name__)
@@ -47,7 +47,7 @@ def page(token: str) -> str | Response | tuple[str, int]:
     one_click = request.form.get("List-Unsubscribe") == "One-Click"
     if customer.erased_at is None:
         try:
-            with db.begin():
+            with transaction(db):
                 record_consent(
                     db, customer, topic_key, channel, "withdrawn",
                     Proof("one_click" if one_click else "link", "recipient",
