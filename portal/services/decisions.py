@@ -387,6 +387,13 @@ def decide_many(
     ]
 
 
+def requires_granted_choice(topic: TopicInfo, channel: str) -> bool:
+    """True when only a recorded "granted" choice for exactly (topic, channel) can lead to
+    "send" (:func:`decide`: not required and off by default). Bulk readers such as the audience
+    export use it to narrow the rows they load; :func:`decide` still judges every one."""
+    return not topic.required and not topic.defaults.get(channel, False)
+
+
 def consent_matrix(
     session: Session, catalog: Catalog, customer: Customer, at: datetime
 ) -> dict[tuple[str, str], Decision]:

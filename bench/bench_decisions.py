@@ -1,0 +1,358 @@
+"""Decision API benchmark: seeds customers, serves the app with gunicorn (2 gthread workers)
+and prints, side by side:
+
+* single decisions/s vs a bare endpoint answering constant JSON through the same server,
+  workers and middleware (``CARNET_BENCH_BARE=1`` adds ``/api/v1/_bare``: the difference is
+  the cost of authentication, validation, lookups and the precedence rules);
+* p50/p99 latency of single decisions at half the measured throughput;
+* server time of one 10,000-item batch;
+* audience export rows/s as NDJSON, with the serving worker's peak RSS, and on PostgreSQL the
+  same candidate query through ``COPY ... TO STDOUT`` as the floor.
+
+    .venv/bin/python bench/bench_decisions.py                       # SQLite, 100,000 customers
+    .venv/bin/python bench/bench_decisions.py --postgresql          # carnet_bench, 1,000,000
+    .venv/bin/python bench/bench_decisions.py --postgresql --customers 200000
+
+The PostgreSQL database ``carnet_bench`` is created and dropped by this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from sqlalchemy import insert, text
+from sqlalchemy.orm import Session
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import portal.models  # noqa: E402,F401
+from portal.db import Base, make_engine  # noqa: E402
+from portal.models.consent import ConsentEvent, ConsentState, ContactRule, Suppression  # noqa: E402
+from portal.models.customer import Customer  # noqa: E402
+from portal.services import api_keys  # noqa: E402
+from portal.services.catalog import get_catalog, load_catalog_file, sync_catalog  # noqa: E402
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+PG_BENCH = "postgresql+psycopg://postgres@127.0.0.1:5432/carnet_bench"
+TOPICS = [("newsletter", "email"), ("offers", "email"), ("offers", "sms"), ("events", "email")]
+
+
+def setup_database(args: argparse.Namespace, workdir: Path) -> str:
+    if not args.postgresql:
+        return f"sqlite:///{workdir / 'bench.db'}"
+    admin = make_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text("DROP DATABASE IF EXISTS carnet_bench WITH (FORCE)"))
+        conn.execute(text("CREATE DATABASE carnet_bench"))
+    admin.dispose()
+    return PG_BENCH
+
+
+def drop_database(args: argparse.Namespace) -> None:
+    if args.postgresql and not args.keep:
+        admin = make_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text("DROP DATABASE IF EXISTS carnet_bench WITH (FORCE)"))
+        admin.dispose()
+
+
+def rows_for(first: int, n: int, event_id: int, rng: random.Random
+             ) -> tuple[list[list[dict]], int]:
+    """Realistic preferences: ~40 % opted in to the newsletter by email, ~20 % to offers by
+    email, ~10 % by SMS (some of them withdrawn since), 2 % suppressed, 5 % with contact
+    rules, 60 % with a phone number."""
+    now = datetime.now(UTC)
+    customers, events, states, suppressions, rules = [], [], [], [], []
+    for i in range(first, first + n):
+        customers.append({"id": i, "public_id": f"cus_b{i:09d}", "email": f"c{i}@bench.example",
+                          "phone": f"+3361{i:08d}" if rng.random() < 0.6 else None,
+                          "locale": "fr" if i % 3 else "en", "auth_epoch": 0,
+                          "created_at": now, "updated_at": now})
+        for (topic, channel), share in zip(TOPICS, (0.4, 0.2, 0.1, 0.15), strict=True):
+            if rng.random() < share:
+                event_id += 1
+                state = "withdrawn" if rng.random() < 0.1 else "granted"
+                events.append({"id": event_id, "customer_id": i, "topic_key": topic,
+                               "channel": channel, "state": state, "source": "import",
+                               "actor": "bench", "wording_version": 1, "occurred_at": now})
+                states.append({"customer_id": i, "topic_key": topic, "channel": channel,
+                               "state": state, "event_id": event_id, "updated_at": now})
+        if rng.random() < 0.02:
+            suppressions.append({"customer_id": i, "channel": "email", "reason": "hard_bounce",
+                                 "source": "bench", "created_at": now})
+        if rng.random() < 0.05:
+            rules.append({"customer_id": i, "channel": "email", "max_per_week": 3})
+    return [customers, events, states, suppressions, rules], event_id
+
+
+def copy_rows(engine, table: str, rows: list[dict]) -> None:
+    """PostgreSQL COPY FROM STDIN: minutes for millions of rows instead of hours."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row([row[c] for c in columns])
+        raw.commit()
+    finally:
+        raw.close()
+
+
+def seed(url: str, n: int, postgresql: bool) -> str:
+    engine = make_engine(url)
+    Base.metadata.create_all(engine)
+    with Session(engine) as session, session.begin():
+        sync_catalog(session, load_catalog_file(ROOT / "portal" / "catalog.toml"))
+    started = time.perf_counter()
+    rng = random.Random(7)
+    tables = (Customer.__table__, ConsentEvent.__table__, ConsentState.__table__,
+              Suppression.__table__, ContactRule.__table__)
+    step = 200_000
+    event_id = 0
+    for start in range(0, n, step):
+        batch, event_id = rows_for(start + 1, min(step, n - start), event_id, rng)
+        for table, rows in zip(tables, batch, strict=True):
+            if postgresql:
+                copy_rows(engine, table.name, rows)
+            else:
+                with engine.begin() as conn:
+                    for i in range(0, len(rows), 20_000):
+                        conn.execute(insert(table), rows[i:i + 20_000])
+    if postgresql:
+        with engine.begin() as conn:
+            for table in ("customers", "consent_events", "suppressions"):
+                conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                                  f"(SELECT COALESCE(MAX(id), 1) FROM {table}))"))
+            conn.execute(text("ANALYZE"))
+    with Session(engine) as session, session.begin():
+        key = api_keys.create_key(session, "bench", list(api_keys.SCOPES)).secret
+    print(f"seeded {n:,} customers in {time.perf_counter() - started:.1f} s")
+    engine.dispose()
+    return key
+
+
+def start_server(url: str, port: int, workdir: Path) -> subprocess.Popen:
+    env = dict(os.environ, CARNET_DATABASE_URL=url, CARNET_SECRET_KEY="bench-" + "x" * 40,
+               CARNET_BENCH_BARE="1", CARNET_API_RATE_LIMIT="100000000/60",
+               CARNET_ENV="development")
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    proc = subprocess.Popen(
+        [gunicorn, "-w", "2", "-k", "gthread", "--threads", "8", "-b", f"127.0.0.1:{port}",
+         "--log-level", "warning", "app:app"], cwd=ROOT, env=env, start_new_session=True)
+    for _ in range(200):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/v1/_bare").status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise SystemExit("gunicorn did not start")
+
+
+def worker_pids(proc: subprocess.Popen) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def load(base: str, key: str, path: str, body_for, seconds: float, threads: int,
+         rate: float | None = None) -> tuple[float, list[float], int]:
+    """Closed loop (``rate`` None: as fast as possible) or paced at ``rate`` requests/s."""
+    latencies: list[float] = []
+    errors = [0]
+    stop_at = time.perf_counter() + seconds
+    lock = threading.Lock()
+    interval = threads / rate if rate else 0.0
+
+    def run(seed_: int) -> None:
+        rng = random.Random(seed_)
+        mine: list[float] = []
+        headers = {"Authorization": f"Bearer {key}"}
+        next_at = time.perf_counter() + rng.uniform(0, interval)
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
+            while True:
+                if interval:
+                    delay = next_at - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                    next_at += interval
+                if time.perf_counter() >= stop_at:
+                    break
+                started = time.perf_counter()
+                r = client.post(path, json=body_for(rng))
+                mine.append(time.perf_counter() - started)
+                if r.status_code != 200:
+                    errors[0] += 1
+        with lock:
+            latencies.extend(mine)
+
+    pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    started = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return len(latencies) / (time.perf_counter() - started), latencies, errors[0]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--postgresql", action="store_true", help="use carnet_bench on the "
+                        "local PostgreSQL instead of a SQLite file")
+    parser.add_argument("--customers", type=int, default=None)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per throughput run")
+    parser.add_argument("--threads", type=int, default=16, help="client threads")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    args = parser.parse_args()
+    n = args.customers or (1_000_000 if args.postgresql else 100_000)
+    workdir = Path(tempfile.mkdtemp(prefix="carnet-bench-"))
+    url = setup_database(args, workdir)
+    server = None
+    try:
+        key = seed(url, n, args.postgresql)
+        server = start_server(url, args.port, workdir)
+        base = f"http://127.0.0.1:{args.port}"
+
+        def decision_body(rng: random.Random) -> dict:
+            topic, channel = rng.choice(TOPICS)
+            return {"customer": {"email": f"c{rng.randint(1, n)}@bench.example"},
+                    "topic": topic, "channel": channel}
+
+        load(base, key, "/api/v1/decisions", decision_body, 2, 4)  # warm up
+        bare_rps, _, _ = load(base, key, "/api/v1/_bare", lambda rng: {}, args.seconds,
+                              args.threads)
+        rps, _, errors = load(base, key, "/api/v1/decisions", decision_body, args.seconds,
+                              args.threads)
+        half_rps, lat, _ = load(base, key, "/api/v1/decisions", decision_body, args.seconds,
+                                max(4, args.threads // 2), rate=rps / 2)
+
+        items = [decision_body(random.Random(i)) for i in range(10_000)]
+        batch_times = []
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"},
+                          timeout=300) as client:
+            for _ in range(3):
+                started = time.perf_counter()
+                r = client.post("/api/v1/decisions/batch", json={"items": items})
+                batch_times.append(time.perf_counter() - started)
+                assert r.status_code == 200 and len(r.json()["results"]) == 10_000
+
+            pids = worker_pids(server)
+            peak = {pid: rss_kb(pid) for pid in pids}
+            before = dict(peak)
+            sampling = [True]
+
+            def sample() -> None:
+                while sampling[0]:
+                    for pid in pids:
+                        peak[pid] = max(peak[pid], rss_kb(pid))
+                    time.sleep(0.05)
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            started = time.perf_counter()
+            rows = 0
+            with client.stream("GET", "/api/v1/audiences/newsletter/email",
+                               headers={"Accept": "application/x-ndjson"}) as stream:
+                for line in stream.iter_lines():
+                    if line:
+                        rows += 1
+            export_s = time.perf_counter() - started
+            sampling[0] = False
+            sampler.join()
+            busiest = max(pids, key=lambda p: peak[p] - before[p])
+
+        copy_rate = None
+        if args.postgresql:
+            copy_rate = copy_export(url)
+
+        print()
+        print(f"Carnet decision API — {'PostgreSQL' if args.postgresql else 'SQLite'}, "
+              f"{n:,} customers, gunicorn 2 workers × 8 threads (gthread), "
+              f"{args.threads} client threads, {os.cpu_count()} CPUs shared with the client")
+        print(f"  bare endpoint (constant JSON)   {bare_rps:8.0f} req/s")
+        print(f"  single decision                 {rps:8.0f} req/s   ({errors} non-200)")
+        print(f"  at half load ({half_rps:5.0f} req/s)    p50 {pct(lat, .5):6.1f} ms   "
+              f"p99 {pct(lat, .99):6.1f} ms")
+        print(f"  batch of 10,000 decisions       {statistics.median(batch_times):8.2f} s "
+              f"(median of 3, {10_000 / statistics.median(batch_times):,.0f} decisions/s)")
+        print(f"  audience NDJSON newsletter/email {rows:,} rows in {export_s:.2f} s = "
+              f"{rows / export_s:,.0f} rows/s; serving worker RSS {before[busiest] / 1024:.0f}"
+              f" → peak {peak[busiest] / 1024:.0f} MiB")
+        if copy_rate is not None:
+            print(f"  COPY (same candidate query) TO STDOUT            {copy_rate[0]:,} rows in "
+                  f"{copy_rate[1]:.2f} s = {copy_rate[0] / copy_rate[1]:,.0f} rows/s")
+        print(json.dumps({"db": "postgresql" if args.postgresql else "sqlite", "customers": n,
+                          "bare_rps": round(bare_rps), "decision_rps": round(rps),
+                          "p50_ms": round(pct(lat, .5), 1), "p99_ms": round(pct(lat, .99), 1),
+                          "batch_s": round(statistics.median(batch_times), 3),
+                          "export_rows_per_s": round(rows / export_s)}))
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+        drop_database(args)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def copy_export(url: str) -> tuple[int, float]:
+    """The candidate query of the audience export, straight out of PostgreSQL."""
+    from sqlalchemy.dialects import postgresql
+
+    from portal.services.audiences import candidates
+
+    engine = make_engine(url)
+    with Session(engine) as session:
+        topic = get_catalog(session).get("newsletter")
+    assert topic is not None
+    query = candidates(topic, "email", 0, 10**12).with_only_columns(
+        Customer.public_id, Customer.email, Customer.locale)
+    sql = str(query.compile(dialect=postgresql.dialect(),
+                            compile_kwargs={"literal_binds": True}))
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        started = time.perf_counter()
+        out = io.BytesIO()
+        with cur.copy(f"COPY ({sql}) TO STDOUT") as copy:
+            for data in copy:
+                out.write(data)
+        elapsed = time.perf_counter() - started
+    finally:
+        raw.close()
+        engine.dispose()
+    return out.getvalue().count(b"\n"), elapsed
+
+
+if __name__ == "__main__":
+    main()

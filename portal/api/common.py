@@ -1,0 +1,91 @@
+"""Small helpers the API views share: the catalog, time, customer resolution and answers."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import current_app
+from sqlalchemy.orm import Session
+
+from portal.db import utcnow
+from portal.models.customer import Customer
+from portal.services import identity
+from portal.services.catalog import Catalog, get_catalog
+from portal.services.decisions import Decision
+
+PROBLEM = {"$ref": "#/components/schemas/Problem"}
+
+
+CATALOG_TTL = 5.0
+
+
+def catalog(session: Session) -> Catalog:
+    """The catalog, cached per app for a few seconds: it changes when ``catalog load`` runs,
+    and re-reading it on every decision doubled the queries of a single decision."""
+    cached = current_app.extensions.get("carnet.api.catalog")
+    now = time.monotonic()
+    if cached is not None and cached[0] > now:
+        return cached[1]  # type: ignore[no-any-return]
+    fresh = get_catalog(session)
+    current_app.extensions["carnet.api.catalog"] = (now + CATALOG_TTL, fresh)
+    return fresh
+
+
+def at_or_now(value: datetime | None) -> datetime:
+    return value if value is not None else utcnow()
+
+
+def default_timezone() -> str:
+    return str(current_app.config["DEFAULT_TIMEZONE"])
+
+
+def decision_json(d: Decision, explain: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "decision": d.decision, "allowed": d.allowed, "reason": d.reason,
+        "next_allowed_at": (d.next_allowed_at.astimezone(UTC).isoformat()
+                            if d.next_allowed_at else None),
+        "contact": d.contact,
+        "evidence": d.evidence.as_dict() if d.evidence else None,
+    }
+    if explain:
+        out["trace"] = [{"rule": rule, "outcome": outcome} for rule, outcome in d.trace]
+    return out
+
+
+def customer_json(session: Session, customer: Customer) -> dict[str, Any]:
+    return identity.as_json(session, [customer])[0]
+
+
+DECISION_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["decision", "allowed", "reason", "next_allowed_at", "contact", "evidence"],
+    "properties": {
+        "decision": {"enum": ["send", "deny", "defer"]},
+        "allowed": {"type": "boolean"},
+        "reason": {"type": "string", "description": "See docs/decisions.md for every code."},
+        "next_allowed_at": {"type": ["string", "null"], "format": "date-time"},
+        "contact": {"type": ["object", "null"]},
+        "evidence": {"type": ["object", "null"], "properties": {
+            "event_id": {"type": "integer"}, "occurred_at": {"type": "string"},
+            "source": {"type": "string"}, "wording_version": {"type": ["integer", "null"]}}},
+        "trace": {"type": "array", "items": {"type": "object"}},
+    },
+}
+
+CUSTOMER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"}, "email": {"type": ["string", "null"]},
+        "phone": {"type": ["string", "null"]}, "postal_address": {"type": ["string", "null"]},
+        "locale": {"type": ["string", "null"]}, "timezone": {"type": ["string", "null"]},
+        "external_ids": {"type": "array", "items": {"type": "object"}},
+        "member_number": {"type": ["string", "null"]}, "created_at": {"type": "string"},
+        "erased": {"type": "boolean"},
+    },
+}
+
+
+def obj(**props: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": props}

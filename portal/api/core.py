@@ -1,0 +1,188 @@
+"""The API's one declaration point: each operation states its path, scopes, query and body
+schemas and responses once. The same declaration authenticates, rate-limits and validates the
+request, and feeds the OpenAPI document (:mod:`portal.api.openapi`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import wraps
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from sqlalchemy.exc import OperationalError
+
+from portal import ratelimit
+from portal.api.schema import FieldError, Invalid, Obj
+from portal.db import get_session
+from portal.errors import problem
+from portal.services import api_keys
+
+JSON_TYPES = ("application/json",)
+log = logging.getLogger("carnet.api")
+
+
+@dataclass
+class Operation:
+    method: str
+    rule: str
+    endpoint: str
+    summary: str
+    tag: str
+    scopes: tuple[str, ...]
+    body: Obj | None
+    query: Obj | None
+    responses: dict[int, tuple[str, dict[str, Any] | None]]
+    description: str = ""
+    media: dict[str, str] = field(default_factory=dict)  # extra response media types
+    # Request headers the view reads itself (published, not validated here: the view answers
+    # its own problem types, e.g. Idempotency-Key).
+    headers: Obj | None = None
+
+    @property
+    def path(self) -> str:
+        return re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", self.rule)
+
+    @property
+    def path_params(self) -> list[str]:
+        return re.findall(r"<(?:[a-z]+:)?([a-z_]+)>", self.rule)
+
+
+OPERATIONS: list[Operation] = []
+
+
+def bad_request(errors: list[FieldError], status: int = 422) -> Response:
+    return problem(status, "invalid-request", "The request is not valid.",
+                   "; ".join(f"{e.field}: {e.message}" for e in errors),
+                   errors=[e.as_dict() for e in errors])
+
+
+def unauthorized(detail: str) -> Response:
+    response = problem(401, "unauthorized", "A valid API key is required.", detail)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="carnet"'
+    return response
+
+
+def _authenticate(scopes: tuple[str, ...]) -> Response | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, raw = header.partition(" ")
+    if scheme.lower() != "bearer" or not raw.strip():
+        return unauthorized("Send Authorization: Bearer <key>.")
+    session = get_session()
+    with session.begin():
+        key = api_keys.authenticate(session, raw.strip())
+    if key is not None and api_keys.needs_touch(key):
+        try:
+            with session.begin():
+                api_keys.touch(session, key)
+        except OperationalError:
+            log.warning("could not record the use of API key %s", key.id)
+    if key is None:
+        response = unauthorized("The key is unknown or was revoked.")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="carnet", error="invalid_token"'
+        return response
+    if scopes and not set(scopes) & set(key.scopes):
+        response = problem(403, "insufficient-scope", "This key lacks the scope required.",
+                           f"Needs one of: {', '.join(scopes)}.", required_scopes=list(scopes))
+        response.headers["WWW-Authenticate"] = (
+            f'Bearer realm="carnet", error="insufficient_scope", scope="{" ".join(scopes)}"')
+        return response
+    g.api_key = key
+    wait = ratelimit.hit("api", str(key.id))
+    if wait:
+        response = problem(429, "rate-limited", "Too many requests for this key.",
+                           f"Retry after {wait} seconds.")
+        response.headers["Retry-After"] = str(wait)
+        return response
+    return None
+
+
+def _read_body(spec: Obj) -> dict[str, Any] | Response:
+    if request.mimetype not in JSON_TYPES:
+        return problem(415, "unsupported-media-type", "Send application/json.",
+                       f"Content-Type was '{request.mimetype or 'missing'}'.")
+    raw = request.get_data(cache=True)
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return problem(400, "malformed-json", "The body is not valid JSON.", str(exc)[:200])
+    try:
+        return spec.parse(data)
+    except Invalid as exc:
+        return bad_request(exc.errors)
+
+
+class Api:
+    """A blueprint plus the operation registry."""
+
+    def __init__(self, name: str, prefix: str = "/api/v1") -> None:
+        self.bp = Blueprint(name, __name__, url_prefix=prefix)
+        self.prefix = prefix
+
+    def op(self, method: str, rule: str, *, summary: str, tag: str,
+           scopes: tuple[str, ...] = (), body: Obj | None = None, query: Obj | None = None,
+           responses: dict[int, tuple[str, dict[str, Any] | None]] | None = None,
+           description: str = "", media: dict[str, str] | None = None,
+           headers: Obj | None = None
+           ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
+            operation = Operation(method, self.prefix + rule, f"{self.bp.name}.{view.__name__}",
+                                  summary, tag, scopes, body, query, responses or {},
+                                  description or (view.__doc__ or "").strip(), media or {},
+                                  headers)
+            OPERATIONS.append(operation)
+
+            @wraps(view)
+            def wrapper(**path: Any) -> Any:
+                denied = _authenticate(scopes) if scopes else None
+                if denied is not None:
+                    return denied
+                if any(isinstance(v, str) and ("\x00" in v or len(v) > 255)
+                       for v in path.values()):
+                    return not_found("no such resource")
+                kwargs: dict[str, Any] = dict(path)
+                if query is not None:
+                    try:
+                        kwargs["query"] = query.parse_query(request.args.to_dict())
+                    except Invalid as exc:
+                        return bad_request(exc.errors)
+                if body is not None:
+                    parsed = _read_body(body)
+                    if isinstance(parsed, Response):
+                        return parsed
+                    kwargs["body"] = parsed
+                result = view(**kwargs)
+                if isinstance(result, tuple) and isinstance(result[0], dict | list):
+                    return (jsonify(result[0]), *result[1:])
+                if isinstance(result, dict | list):
+                    return jsonify(result)
+                return result
+
+            self.bp.add_url_rule(rule, view.__name__, wrapper, methods=[method])
+            return wrapper
+
+        return decorate
+
+
+def not_found(what: str, field_name: str | None = None) -> Response:
+    extra: dict[str, Any] = {}
+    if field_name:
+        extra["errors"] = [{"field": field_name, "code": "not_found", "message": what}]
+    return problem(404, "not-found", "Not found.", what, **extra)
+
+
+def conflict(type_: str, detail: str, field_name: str) -> Response:
+    return problem(409, type_, "Conflict with an existing record.", detail,
+                   errors=[{"field": field_name, "code": type_.replace("-", "_"),
+                            "message": detail}])
+
+
+def unprocessable(code: str, detail: str, field_name: str) -> Response:
+    return bad_request([FieldError(field_name, code, detail)])
+
+
+def config(name: str) -> Any:
+    return current_app.config[name]

@@ -1,0 +1,108 @@
+"""API keys for sending systems.
+
+A key is 32 random bytes (256 bits) shown once; the database keeps its SHA-256. A slow password
+hash (argon2, bcrypt) protects low-entropy secrets people choose; a key this long cannot be
+guessed or brute-forced from its digest, so a fast hash is enough and lets every request find its
+key with one indexed lookup instead of verifying against every stored hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from portal.db import utcnow
+from portal.models.api import ApiKey
+
+SCOPES: tuple[str, ...] = (
+    "decisions:read", "audiences:read", "customers:write", "consent:write", "loyalty:write",
+    "push:send", "webhooks:manage", "events:read",
+)
+KEY_PREFIX = "carnet_"
+# Recording every use would turn each read into a write; a minute is precise enough to see
+# which keys are still in use before revoking them.
+LAST_USED_GRANULARITY = timedelta(minutes=1)
+
+
+class ApiKeyError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class NewKey:
+    key: ApiKey
+    secret: str  # the only time the full key exists outside the client
+
+
+def digest(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def create_key(session: Session, name: str, scopes: list[str]) -> NewKey:
+    name = name.strip()
+    if not name or len(name) > 80:
+        raise ApiKeyError("name must be 1 to 80 characters")
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown:
+        raise ApiKeyError(f"unknown scope(s): {', '.join(unknown)}; known: {', '.join(SCOPES)}")
+    if not scopes:
+        raise ApiKeyError("give at least one scope")
+    if session.scalars(select(ApiKey).where(ApiKey.name == name)).first() is not None:
+        raise ApiKeyError(f"a key named '{name}' already exists")
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(name=name, prefix=secret[:12], key_hash=digest(secret),
+                 scopes=sorted(set(scopes)))
+    session.add(key)
+    session.flush()
+    return NewKey(key, secret)
+
+
+def authenticate(session: Session, raw: str) -> ApiKey | None:
+    """The live key matching ``raw``, or None. A revoked key fails at once: no cache."""
+    if not raw.startswith(KEY_PREFIX) or len(raw) > 200:
+        return None
+    key = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest(raw))).first()
+    if key is None or key.revoked_at is not None:
+        return None
+    return key
+
+
+def needs_touch(key: ApiKey, now: datetime | None = None) -> bool:
+    now = now or utcnow()
+    return key.last_used_at is None or key.last_used_at < now - LAST_USED_GRANULARITY
+
+
+def touch(session: Session, key: ApiKey, now: datetime | None = None) -> None:
+    """Record use, at most once a minute. Its own short write transaction (SQLite cannot
+    upgrade a read transaction to a write under concurrent writers); conditional, so the
+    requests of the same minute racing here write once."""
+    now = now or utcnow()
+    session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key.id, or_(ApiKey.last_used_at.is_(None),
+                                        ApiKey.last_used_at < now - LAST_USED_GRANULARITY))
+        .values(last_used_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    key.last_used_at = now
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+def revoke_key(session: Session, name_or_id: str) -> ApiKey:
+    query = select(ApiKey).where(ApiKey.name == name_or_id)
+    key = session.scalars(query).first()
+    if key is None and name_or_id.isdigit():
+        key = session.get(ApiKey, int(name_or_id))
+    if key is None:
+        raise ApiKeyError(f"no key named or numbered '{name_or_id}'")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+    return key

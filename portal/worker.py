@@ -1,0 +1,142 @@
+"""The background worker: ``flask --app app worker``.
+
+A small registry of periodic jobs run by one loop. Aggregates plug in with :func:`periodic`
+(wallet pass pushes, web push fan-out...) from their own ``init_app``; each job receives the
+app and opens its own sessions. Jobs that must not run twice at once across several workers
+claim rows (``FOR UPDATE SKIP LOCKED`` leases, as webhook delivery does), so running more
+worker processes adds throughput instead of duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from flask import Flask
+
+log = logging.getLogger("carnet.worker")
+
+
+@dataclass
+class Job:
+    name: str
+    every: float  # seconds between the end of one run and the start of the next
+    run: Callable[[Flask], object]
+    next_at: float = 0.0
+
+
+JOBS: dict[str, Job] = {}
+
+
+def periodic(name: str, every: float) -> Callable[[Callable[[Flask], object]],
+                                                  Callable[[Flask], object]]:
+    """Register ``fn(app)`` to run every ``every`` seconds in the worker."""
+    def register(fn: Callable[[Flask], object]) -> Callable[[Flask], object]:
+        JOBS[name] = Job(name, every, fn)
+        return fn
+    return register
+
+
+def run_once(app: Flask, names: list[str] | None = None) -> dict[str, object]:
+    """Run every job (or the named ones) once, now; what each returned. Tests use this."""
+    results: dict[str, object] = {}
+    for job in list(JOBS.values()):
+        if names is None or job.name in names:
+            results[job.name] = job.run(app)
+    return results
+
+
+def run_forever(app: Flask, stop: threading.Event | None = None) -> None:
+    """Run due jobs until SIGTERM/SIGINT (or ``stop``); a failing job is logged and retried
+    at its next period, it never stops the others."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    log.info("worker started with jobs: %s", ", ".join(sorted(JOBS)))
+    while not stop.is_set():
+        now = time.monotonic()
+        for job in list(JOBS.values()):
+            if job.next_at <= now:
+                try:
+                    job.run(app)
+                except Exception:
+                    log.exception("job %s failed", job.name)
+                job.next_at = time.monotonic() + job.every
+        wake = min((j.next_at for j in JOBS.values()), default=time.monotonic() + 1)
+        stop.wait(max(0.05, wake - time.monotonic()))
+    log.info("worker stopped")
+
+
+# --- webhook delivery ----------------------------------------------------------------------------
+
+
+def webhook_policy(app: Flask) -> object:
+    from portal.services.webhooks import Policy
+
+    return Policy(
+        base_seconds=float(app.config["WEBHOOK_RETRY_BASE_SECONDS"]),
+        disable_after=timedelta(hours=float(app.config["WEBHOOK_DISABLE_AFTER_HOURS"])),
+        max_attempts=int(app.config["WEBHOOK_MAX_ATTEMPTS"]),
+        timeout_seconds=float(app.config["WEBHOOK_TIMEOUT_SECONDS"]),
+    )
+
+
+def deliver_webhooks(app: Flask) -> int:
+    """Lease due endpoints, deliver each in order. Returns the number of changes sent."""
+    import httpx
+
+    from portal.db import new_session, utcnow
+    from portal.services import webhooks
+
+    policy = webhook_policy(app)
+    assert isinstance(policy, webhooks.Policy)
+    session = new_session(app)
+    with session.begin():
+        claimed = webhooks.claim_due(session, utcnow(), policy)
+    session.close()
+    sent = 0
+    with httpx.Client(follow_redirects=False) as client:
+        for hook_id in claimed:
+            sent += webhooks.deliver_endpoint(lambda: new_session(app), client, hook_id, policy)
+    return sent
+
+
+def prune_deliveries(app: Flask) -> int:
+    from portal.db import new_session, utcnow
+    from portal.services import webhooks
+
+    session = new_session(app)
+    with session.begin():
+        removed = webhooks.prune(session, utcnow() - timedelta(
+            days=int(app.config["WEBHOOK_LOG_DAYS"])))
+    session.close()
+    return removed
+
+
+def purge_idempotency_keys(app: Flask) -> int:
+    """Forget Idempotency-Key answers older than ``IDEMPOTENCY_KEEP_DAYS``: clients retry
+    within minutes; the table would otherwise grow with every accrual."""
+    from portal.db import new_session, utcnow
+    from portal.services import idempotency
+
+    session = new_session(app)
+    with session.begin():
+        removed = idempotency.purge(session, utcnow() - timedelta(
+            days=int(app.config["IDEMPOTENCY_KEEP_DAYS"])))
+    session.close()
+    return removed
+
+
+def init_app(app: Flask) -> None:
+    JOBS.setdefault("webhooks.deliver", Job("webhooks.deliver",
+                                            float(app.config["WEBHOOK_POLL_SECONDS"]),
+                                            deliver_webhooks))
+    JOBS.setdefault("webhooks.prune", Job("webhooks.prune", 3600.0, prune_deliveries))
+    JOBS.setdefault("idempotency.purge", Job("idempotency.purge", 3600.0,
+                                             purge_idempotency_keys))

@@ -1,0 +1,103 @@
+"""Suppressions, inbound SMS keywords and unsubscribe links through the API."""
+
+from __future__ import annotations
+
+import pytest
+
+from portal.services.suppressions import stop_keyword
+from tests.support.api_client import Api, field_errors
+
+
+@pytest.fixture
+def api(app, client):
+    return Api(app, client)
+
+
+def decide(api, email, topic="account", channel="email"):
+    return api.post("/decisions", {"customer": {"email": email}, "topic": topic,
+                                   "channel": channel}).get_json()
+
+
+def test_bounce_suppresses_until_lifted(api):
+    api.customer("bouncy@example.com")
+    r = api.post("/suppressions", {"address": "Bouncy@example.com", "channel": "email",
+                                   "reason": "hard_bounce"})
+    assert r.status_code == 201
+    suppression = r.get_json()
+    assert decide(api, "bouncy@example.com")["reason"] == "suppressed"
+    again = api.post("/suppressions", {"address": "bouncy@example.com", "channel": "email",
+                                       "reason": "hard_bounce"})
+    assert again.get_json()["id"] == suppression["id"]
+    listed = api.get(f"/customers/{suppression['customer']}/suppressions").get_json()
+    assert [s["id"] for s in listed["items"]] == [suppression["id"]]
+    r = api.delete(f"/suppressions/{suppression['id']}")
+    assert r.status_code == 200 and r.get_json()["lifted_at"]
+    assert decide(api, "bouncy@example.com")["reason"] == "required_service"
+    assert api.delete("/suppressions/999999").status_code == 404
+
+
+def test_suppression_input_errors(api):
+    c = api.customer("s@example.com")
+    r = api.post("/suppressions", {"channel": "email", "reason": "manual"})
+    assert field_errors(r) == {"address": "exactly_one"}
+    r = api.post("/suppressions", {"address": "x@example.com", "channel": "email",
+                                   "reason": "manual"})
+    assert r.status_code == 422 and field_errors(r) == {"address": "unknown_customer"}
+    r = api.post("/suppressions", {"address": "wallet-1", "channel": "wallet", "reason": "manual"})
+    assert field_errors(r) == {"address": "address_not_applicable"}
+    r = api.post("/suppressions", {"customer": {"id": c.public_id}, "channel": "email",
+                                   "reason": "spite"})
+    assert field_errors(r) == {"reason": "enum"}
+    r = api.post("/suppressions", {"customer": {"id": c.public_id}, "channel": "wallet",
+                                   "reason": "manual"})
+    assert r.status_code == 201
+
+
+@pytest.mark.parametrize("body, keyword", [
+    ("STOP", "STOP"), ("stop", "STOP"), ("  Stop please", "STOP"), ("STOPALL", "STOPALL"),
+    ("unsubscribe", "UNSUBSCRIBE"), ("Cancel", "CANCEL"), ("end", "END"), ("QUIT", "QUIT"),
+    ("revoke", "REVOKE"), ("opt out", "OPT OUT"), ("OPT-OUT", "OPT OUT"), ("arrêt", "ARRET"),
+    ("ARRET merci", "ARRET"), ("Arrêt", "ARRET"),
+    ("please stop", None), ("stopping by later", None), ("hello", None), ("", None),
+    ("optimal", None),
+])
+def test_stop_keywords(body, keyword):
+    assert stop_keyword(body) == keyword
+
+
+def test_inbound_stop_withdraws_every_sms(api):
+    c = api.customer("sms@example.com", phone="+33633333333")
+    api.consent(c, "offers", "sms", "granted")
+    assert decide(api, "sms@example.com", "offers", "sms")["decision"] == "send"
+    r = api.post("/inbound/sms", {"from": "+33 6 33 33 33 33", "body": "Arrêt"})
+    assert r.status_code == 200
+    assert r.get_json() == {"understood": "ARRET", "action": "withdrawn_sms",
+                            "customer": c.public_id}
+    answer = decide(api, "sms@example.com", "offers", "sms")
+    assert answer["reason"] == "channel_off" and answer["evidence"]["source"] == "sms"
+    assert decide(api, "sms@example.com", "offers", "email")["reason"] == "not_consented"
+    r = api.post("/inbound/sms", {"from": "+33633333333", "body": "thanks!"})
+    assert r.get_json()["understood"] is None and r.get_json()["action"] == "ignored"
+    r = api.post("/inbound/sms", {"from": "+33699999999", "body": "STOP"})
+    assert r.get_json()["action"] == "unknown_sender"
+    r = api.post("/inbound/sms", {"from": "+33699999999"})
+    assert field_errors(r) == {"body": "required"}
+
+
+def test_unsubscribe_links_and_headers(api):
+    c = api.customer("links@example.com")
+    r = api.post("/unsubscribe-links", {"customer": {"id": c.public_id},
+                                        "topic": "newsletter", "channel": "email"})
+    assert r.status_code == 200
+    body = r.get_json()
+    assert body["url"].startswith("http://localhost/u/")
+    assert body["headers"]["List-Unsubscribe"] == f"<{body['url']}>"
+    assert body["headers"]["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    page = api.client.get(body["url"].removeprefix("http://localhost"))
+    assert page.status_code == 200  # GET never unsubscribes; it shows the page
+    r = api.post("/unsubscribe-links", {"customer": {"id": c.public_id}, "topic": "nope",
+                                        "channel": "email"})
+    assert field_errors(r) == {"topic": "unknown_topic"}
+    r = api.post("/unsubscribe-links", {"customer": {"id": "cus_x"}, "topic": "newsletter",
+                                        "channel": "email"})
+    assert field_errors(r) == {"customer": "unknown_customer"}
