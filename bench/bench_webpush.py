@@ -12,6 +12,9 @@ decrypts every body (``--no-verify`` turns that off to measure the clients alone
 are then not checked for content, only for status). After each run the decrypted
 plaintexts are compared with what was sent, so a fast but wrong client cannot win.
 
+The "worker path" row sends the way ``portal.push_worker`` does: one ``send`` per delivery
+(each may carry its own language), in chunks, on the worker's threads.
+
 ``web-push`` is installed from npm into a temporary folder on each run and driven by
 ``/usr/bin/node`` (or ``--node``). Its defaults use Node's global HTTPS agent (keep-alive
 on since Node 19); the ``agent`` rows pass an explicit ``https.Agent({keepAlive: true})``.
@@ -31,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -205,6 +209,32 @@ def run_carnet(
         return RunFigures(seconds, time.process_time() - cpu_started, ok, failures)
 
 
+def run_worker_path(service: Service, keys: VapidKeys, payloads: list[bytes]) -> RunFigures:
+    """What ``portal.push_worker.deliver`` does with a claimed chunk (without the database):
+    one ``send`` per delivery, since each may carry its own language, on the worker's threads."""
+    from portal.push_worker import SEND_CHUNK, SEND_THREADS, _send
+    from portal.services.push_messages import Outgoing
+
+    pool = make_push_pool(maxsize=SEND_THREADS, ca_certs=service.ca_path)
+    items = [Outgoing(0, sub, payload, TTL, "normal", None)
+             for payload in payloads for sub in service.subscriptions]
+    with pool, WebPushSender(keys, SUBJECT, timeout=10.0, pool=pool) as sender, \
+            ThreadPoolExecutor(SEND_THREADS) as threads:
+        failures: dict[str, int] = {}
+        ok = 0
+        started, cpu_started = time.perf_counter(), time.process_time()
+        for start in range(0, len(items), SEND_CHUNK):
+            chunk = items[start:start + SEND_CHUNK]
+            for outcome in threads.map(lambda item: _send(sender, item), chunk):
+                if isinstance(outcome, Exception) or not outcome.delivered:
+                    key = str(outcome) if isinstance(outcome, Exception) else outcome.status
+                    failures[key] = failures.get(key, 0) + 1
+                else:
+                    ok += 1
+        seconds = time.perf_counter() - started
+        return RunFigures(seconds, time.process_time() - cpu_started, ok, failures)
+
+
 def run_node(
     node: str,
     prefix: Path,
@@ -311,6 +341,7 @@ def main() -> int:
 
     workers = args.workers
     carnet_seq, carnet_par = "carnet sequential", f"carnet send_many workers={workers}"
+    carnet_worker = "carnet worker path threads=8"
     node_seq, node_seq_agent = "web-push sequential (defaults)", "web-push sequential agent"
     node_par = f"web-push concurrency={workers} (defaults)"
     node_par_agent = f"web-push concurrency={workers} agent"
@@ -319,6 +350,7 @@ def main() -> int:
         configs: list[tuple[str, Runner]] = [
             (carnet_seq, functools.partial(run_carnet, service, keys, payloads, 1)),
             (carnet_par, functools.partial(run_carnet, service, keys, payloads, workers)),
+            (carnet_worker, functools.partial(run_worker_path, service, keys, payloads)),
         ]
         if prefix is not None:
             node = functools.partial(run_node, args.node, prefix, service, keys, payloads)

@@ -15,6 +15,9 @@ from portal.models.customer import Customer
 from portal.services.accounts import find_by_public_id
 
 FRESH_LINK_SECONDS = 15 * 60
+# Called with the customer after every sign-in (password, link, sign-up confirmation), so that
+# other parts can attach what the visitor did before signing in (web push device choices).
+ON_SIGN_IN: list[Callable[[Customer], None]] = []
 
 
 def sign_in(customer: Customer, method: str) -> None:
@@ -28,6 +31,8 @@ def sign_in(customer: Customer, method: str) -> None:
         session["locale"] = locale
     session.permanent = method == "password"
     g.customer = customer
+    for hook in ON_SIGN_IN:
+        hook(customer)
 
 
 def sign_out() -> None:

@@ -29,6 +29,9 @@ class ConsentEvent(Base):
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True)
     customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"))
+    # An anonymous browser's choice (web push): customer_id is empty, this names the device.
+    push_subscription_id: Mapped[int | None] = mapped_column(
+        ForeignKey("push_subscriptions.id"), index=True)
     topic_key: Mapped[str] = mapped_column(String(64))
     channel: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16))
