@@ -26,9 +26,14 @@ setup-run: $(VENV)/.run-installed translations-compile
 	$(BIN)/flask --app app migrate
 	$(BIN)/flask --app app catalog load
 	$(BIN)/flask --app app demo
+	$(BIN)/flask --app app wallet dev-credentials
+	$(BIN)/flask --app app push vapid-keys --if-missing
 
-## make run: set up, migrate the SQLite database, load catalog and demo data, serve the portal.
+## make run: set up, migrate the SQLite database, load catalog and demo data, then serve the
+## portal with the background worker (webhooks, wallet updates, web push) beside it.
 run: setup-run
+	@$(BIN)/flask --app app worker & worker=$$!; \
+	trap 'kill $$worker 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/flask --app app run --host $(HOST) --port $(PORT)
 
 ## make test: install test extras, find or install Chromium, run the whole suite.
@@ -56,6 +61,10 @@ translations-update: $(VENV)/.run-installed
 
 translations-compile: $(VENV)/.run-installed
 	$(BIN)/pybabel compile --statistics -d translations
+
+## make readme: refresh the README's configuration table from portal/config.py.
+readme: $(VENV)/.run-installed
+	$(BIN)/python -c 'from portal.config import write_readme_table; write_readme_table()'
 
 bench: $(VENV)/.test-installed
 	@for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

@@ -43,6 +43,16 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     ratelimit.init_app(app)
     mailer.init_app(app)
     register_web(app)
+    from portal import api, worker
+
+    api.init_app(app)
+    worker.init_app(app)
+    from portal import wallet_sync
+
+    wallet_sync.init_app(app)
+    from portal import wallet_ws
+
+    wallet_ws.init_app(app)
     errors.init_app(app)
     cli.init_app(app)
     return app

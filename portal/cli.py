@@ -18,6 +18,19 @@ def init_app(app: Flask) -> None:
     app.cli.add_command(catalog_cli)
     app.cli.add_command(migrate)
     app.cli.add_command(demo)
+    from portal.loyalty_cli import loyalty_cli
+
+    app.cli.add_command(loyalty_cli)
+    from portal.push_cli import push_cli
+
+    app.cli.add_command(push_cli)
+    from portal.api.cli import api_keys_cli, worker_command
+
+    app.cli.add_command(api_keys_cli)
+    app.cli.add_command(worker_command)
+    from portal.wallet_cli import wallet_cli
+
+    app.cli.add_command(wallet_cli)
 
 
 def alembic_config(url: str) -> object:

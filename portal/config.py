@@ -40,6 +40,72 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "LINK_RATE_LIMIT": ("5/900", str, "Emailed link requests per address: count/seconds."),
     "SIGNUP_RATE_LIMIT": ("20/3600", str, "Sign ups per IP: count/seconds."),
     "DEFAULT_TIMEZONE": ("Europe/Paris", str, "Time zone of customers who chose none."),
+    "API_RATE_LIMIT": ("6000/60", str, "API requests per key: count/seconds (429 beyond)."),
+    "WEBHOOK_POLL_SECONDS": (1.0, float, "How often the worker looks for webhook deliveries."),
+    "WEBHOOK_TIMEOUT_SECONDS": (10.0, float, "Timeout of one webhook delivery request."),
+    "WEBHOOK_RETRY_BASE_SECONDS": (10.0, float, "First retry delay of a failed webhook "
+                                   "delivery; doubles per failure (with jitter, up to 6 h)."),
+    "WEBHOOK_MAX_ATTEMPTS": (30, int, "Consecutive failures after which an endpoint is "
+                             "disabled."),
+    "WEBHOOK_DISABLE_AFTER_HOURS": (72.0, float, "An endpoint failing for this long is "
+                                    "disabled (deliveries resume where they stopped when "
+                                    "re-enabled)."),
+    "WEBHOOK_LOG_DAYS": (30, int, "Days of webhook delivery attempts kept."),
+    "IDEMPOTENCY_KEEP_DAYS": (30, int, "Days the answer to an `Idempotency-Key` is kept for "
+                              "replays; the worker purges older ones hourly."),
+    "GOOGLE_ISSUER_ID": ("3388000000000000000", str, "Google Wallet issuer id (digits, from "
+                         "the Google Pay & Wallet console); the default is a development "
+                         "placeholder."),
+    "GOOGLE_SERVICE_ACCOUNT_FILE": (None, str, "Google service-account key (JSON) that signs "
+                                    "save links and calls the Wallet API; development default "
+                                    "`instance/wallet/google/service-account.json`. Unset "
+                                    "outside development: no Google Wallet button."),
+    "GOOGLE_WALLET_API_URL": ("https://walletobjects.googleapis.com/walletobjects/v1", str,
+                              "Google Wallet REST base URL."),
+    "GOOGLE_WALLET_CLASS_SUFFIX": ("carnet-rewards", str, "Loyalty class id suffix "
+                                   "(`<issuer id>.<suffix>`; letters, digits, `.`, `_`, `-`)."),
+    "GOOGLE_WALLET_ORIGINS": (None, str, "Comma-separated origins allowed to show the save "
+                              "button; default the origin of `BASE_URL`."),
+    "GOOGLE_WALLET_ISSUER_NAME": ("Carnet", str, "Issuer name shown on Google Wallet cards."),
+    "GOOGLE_WALLET_POLL_SECONDS": (5.0, float, "How often the worker pushes changed points "
+                                   "and wallet messages to Google Wallet."),
+    "VAPID_PRIVATE_KEY": (None, str, "Web push VAPID private key: PEM text or a path to a PEM "
+                          "file; development default `instance/vapid_private.pem` (made once by "
+                          "`flask --app app push vapid-keys`). Never generated on the fly: "
+                          "missing, browser notifications show as unavailable."),
+    "VAPID_SUBJECT": ("mailto:privacy@carnet.example", str, "Contact for push services in "
+                      "VAPID tokens: a `mailto:` address or an `https:` URL."),
+    "PUSH_TIMEOUT_SECONDS": (10.0, float, "Timeout of one request to a push service."),
+    "PUSH_POLL_SECONDS": (1.0, float, "How often the worker fans out and sends web push."),
+    "PUSH_RETRY_BASE_SECONDS": (30.0, float, "First retry delay of a web push refused with "
+                                "5xx (doubles per attempt, up to 1 h; 8 attempts)."),
+    "PUSH_SUBSCRIBE_RATE_LIMIT": ("30/300", str, "Push subscription changes per IP: "
+                                  "count/seconds."),
+    "PUSH_BEACON_RATE_LIMIT": ("120/60", str, "Display and click beacons per IP: "
+                               "count/seconds."),
+    "APPLE_PASS_TYPE_ID": ("pass.dev.carnet.loyalty", str, "Apple Wallet pass type "
+                           "identifier (the `UID` of the Pass Type ID certificate)."),
+    "APPLE_TEAM_ID": (None, str, "Apple developer team id (10 characters). Development "
+                      "uses `CARNETDEV0` with the development credentials."),
+    "APPLE_CERT": (None, str, "Pass Type ID certificate (PEM). Development: "
+                   "`instance/wallet/apple/pass-certificate.pem`."),
+    "APPLE_KEY": (None, str, "Private key of the Pass Type ID certificate (PEM). Development: "
+                  "`instance/wallet/apple/pass-key.pem`."),
+    "APPLE_KEY_PASSWORD": (None, str, "Password of `CARNET_APPLE_KEY`, if it is encrypted."),
+    "APPLE_WWDR": (None, str, "Apple WWDR intermediate certificate (G4, PEM or DER). "
+                   "Development: `instance/wallet/apple/dev-wwdr.pem`."),
+    "APNS_KEY": (None, str, "APNs token signing key (`AuthKey_<KEYID>.p8`) for pass update "
+                 "pushes. Development: the key under `instance/wallet/apple/`."),
+    "APNS_KEY_ID": (None, str, "Key id of `CARNET_APNS_KEY` (10 characters)."),
+    "APNS_URL": ("https://api.push.apple.com", str, "APNs gateway. Wallet pass updates always "
+                 "go through production, even for passes signed in development."),
+    "APPLE_PASS_BACKGROUND_COLOR": ("rgb(35, 64, 143)", str, "Card background colour."),
+    "APPLE_PASS_FOREGROUND_COLOR": ("rgb(255, 255, 255)", str, "Card text colour."),
+    "APPLE_PASS_LABEL_COLOR": ("rgb(196, 211, 255)", str, "Card label colour."),
+    "APPLE_PUSH_POLL_SECONDS": (2.0, float, "How often the worker follows loyalty changes "
+                                "and sends Apple Wallet update pushes."),
+    "BENCH_BARE": (False, _bool, "Benchmarks only: adds `/api/v1/_bare`, a constant JSON "
+                   "answer."),
 }
 
 
@@ -58,6 +124,11 @@ def load(instance_path: Path, overrides: dict[str, Any] | None = None) -> dict[s
     config.update(overrides or {})
     if not config.get("DATABASE_URL"):
         config["DATABASE_URL"] = f"sqlite:///{instance_path / 'carnet.db'}"
+    if not config.get("GOOGLE_SERVICE_ACCOUNT_FILE") and config["ENV"] == "development":
+        config["GOOGLE_SERVICE_ACCOUNT_FILE"] = str(
+            instance_path / "wallet" / "google" / "service-account.json")
+    if not config.get("VAPID_PRIVATE_KEY") and config["ENV"] == "development":
+        config["VAPID_PRIVATE_KEY"] = str(instance_path / "vapid_private.pem")
     config["SECRET_KEY"] = config.get("SECRET_KEY") or _development_secret(config, instance_path)
     return config
 
@@ -78,3 +149,20 @@ def _development_secret(config: dict[str, Any], instance_path: Path) -> str:
     key_file.write_text(key)
     key_file.chmod(0o600)
     return key
+
+
+def settings_table() -> str:
+    """The README's configuration table (``make readme`` refreshes it)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, (default, _, description) in SETTINGS.items():
+        shown = "" if default is None else str(default).replace(str(ROOT), ".")
+        lines.append(f"| `CARNET_{name}` | {f'`{shown}`' if shown else '—'} | {description} |")
+    return "\n".join(lines)
+
+
+def write_readme_table(readme: Path = ROOT / "README.md") -> None:
+    """Refresh the configuration table between the README's settings markers."""
+    text = readme.read_text()
+    head, rest = text.split("<!-- settings -->", 1)
+    _, tail = rest.split("<!-- /settings -->", 1)
+    readme.write_text(f"{head}<!-- settings -->\n{settings_table()}\n<!-- /settings -->{tail}")

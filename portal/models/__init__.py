@@ -1,5 +1,6 @@
 """All models, imported so that ``Base.metadata`` knows every table."""
 
+from portal.models.api import ApiKey, Webhook, WebhookDelivery
 from portal.models.catalog import Topic, TopicWording
 from portal.models.change import Change
 from portal.models.consent import (
@@ -11,8 +12,29 @@ from portal.models.consent import (
     Suppression,
 )
 from portal.models.customer import Customer, ExternalId
+from portal.models.google_wallet import GoogleNotification, GoogleWalletObject, WalletFeedCursor
+from portal.models.loyalty import (
+    IdempotencyRecord,
+    LedgerEntry,
+    Lot,
+    LotAllocation,
+    Member,
+    TermsAcceptance,
+)
+from portal.models.push import PushDelivery, PushMessage, PushSubscription, PushTopicChoice
+from portal.models.wallet import (
+    AppleDeviceRegistration,
+    ApplePass,
+    ApplePush,
+    WalletNews,
+)
+from portal.models.wallet_message import WalletMessage, WalletMessageRecipient
 
 __all__ = [
+    "ApiKey",
+    "AppleDeviceRegistration",
+    "ApplePass",
+    "ApplePush",
     "Change",
     "ConsentEvent",
     "ConsentProof",
@@ -21,7 +43,25 @@ __all__ = [
     "Customer",
     "Dispatch",
     "ExternalId",
+    "GoogleNotification",
+    "GoogleWalletObject",
+    "IdempotencyRecord",
+    "LedgerEntry",
+    "Lot",
+    "LotAllocation",
+    "Member",
+    "PushDelivery",
+    "PushMessage",
+    "PushSubscription",
+    "PushTopicChoice",
     "Suppression",
+    "TermsAcceptance",
     "Topic",
     "TopicWording",
+    "WalletFeedCursor",
+    "WalletMessage",
+    "WalletMessageRecipient",
+    "WalletNews",
+    "Webhook",
+    "WebhookDelivery",
 ]
