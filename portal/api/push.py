@@ -10,15 +10,14 @@ from flask import g
 from portal.api import api
 from portal.api.common import obj
 from portal.api.core import not_found, unprocessable
-from portal.api.schema import Arr, Field, FieldError, Int, Obj, Str
-from portal.api.schemas import Topic
+from portal.api.schema import Int, Obj, Str
+from portal.api.schemas import Audience, Topic
 from portal.db import get_session
 from portal.delivery.webpush import MAX_TTL_SECONDS, URGENCIES
 from portal.i18n import LOCALES
 from portal.services import push_messages
 from portal.services.catalog import get_catalog
 
-MAX_AUDIENCE = 10_000
 URL_PATTERN = r"(https?://[^\s]+|/[^\s]*)"
 
 Title = Str(min_length=1, max_length=200, description="Notification title.")
@@ -28,33 +27,12 @@ Url = Str(min_length=1, max_length=2000, pattern=URL_PATTERN,
 Icon = Str(min_length=1, max_length=2000, pattern=URL_PATTERN, description="Icon URL.")
 Variant = Obj({"title": Title, "body": Body, "url": Url, "icon": Icon}, name="PushText",
               description="Fields given replace the defaults for people using this language.")
-CustomerIds = Obj({
-    "customers": Arr(Str(min_length=1, max_length=40, description="Carnet customer id."),
-                     min_items=1, max_items=MAX_AUDIENCE),
-}, required=("customers",), name="PushAudience")
-
-
-class Audience(Field):
-    """``"all"`` or ``{"customers": [ids]}``."""
-
-    def check(self, value: Any, path: str, errors: list[FieldError]) -> Any:
-        if value == "all":
-            return "all"
-        if isinstance(value, dict):
-            return CustomerIds.validate(value, path, errors)
-        errors.append(FieldError(path, "type", 'must be "all" or {"customers": [ids]}'))
-        return None
-
-    def schema(self) -> dict[str, Any]:
-        return {"oneOf": [{"const": "all"}, CustomerIds.schema()],
-                "description": 'Every browser subscribed to the topic, signed-in or not ("all"), '
-                               "or the browsers of the customers listed. Each person is decided "
-                               "on channel web_push."}
-
-
 MessageRequest = Obj({
     "topic": Topic,
-    "audience": Audience(),
+    "audience": Audience(
+        "PushAudience",
+        'Every browser subscribed to the topic, signed-in or not ("all"), or the browsers of '
+        "the customers listed. Each person is decided on channel web_push."),
     "title": Title,
     "body": Body,
     "url": Url,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from portal.api.schema import Arr, Bool, DateTime, Int, Obj, Str
+from portal.api.schema import Arr, Bool, DateTime, Field, FieldError, Int, Obj, Str
 from portal.models.catalog import CHANNELS
 
 ExternalIdRef = Obj({
@@ -22,6 +22,32 @@ CustomerRef = Obj({
 }, exactly_one=True, name="CustomerRef",
     description="Exactly one identifier. Merged records resolve to the surviving customer.",
     example={"email": "ann@example.com"})
+
+MAX_AUDIENCE = 10_000
+
+
+class Audience(Field):
+    """A message's audience: ``"all"`` or ``{"customers": [ids]}`` (push and wallet)."""
+
+    def __init__(self, name: str, description: str) -> None:
+        self.customers = Obj({
+            "customers": Arr(Str(min_length=1, max_length=40, description="Carnet customer id."),
+                             min_items=1, max_items=MAX_AUDIENCE),
+        }, required=("customers",), name=name)
+        self.description = description
+
+    def check(self, value: Any, path: str, errors: list[FieldError]) -> Any:
+        if value == "all":
+            return "all"
+        if isinstance(value, dict):
+            return self.customers.validate(value, path, errors)
+        errors.append(FieldError(path, "type", 'must be "all" or {"customers": [ids]}'))
+        return None
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"const": "all"}, self.customers.schema()],
+                "description": self.description}
+
 
 Channel = Str(enum=CHANNELS)
 ChannelOrAll = Str(enum=(*CHANNELS, "*"))

@@ -9,42 +9,21 @@ from flask import g
 from portal.api import api
 from portal.api.common import obj
 from portal.api.core import not_found, unprocessable
-from portal.api.schema import Arr, Field, FieldError, Obj, Str
-from portal.api.schemas import Topic
+from portal.api.schema import Obj, Str
+from portal.api.schemas import Audience, Topic
 from portal.db import get_session
 from portal.services import wallet_messages
 from portal.services.catalog import get_catalog
 
-MAX_AUDIENCE = 10_000
 Header = Str(min_length=1, max_length=120, description="Card message title.")
 Body = Str(min_length=1, max_length=1000, description="Card message text.")
 Text = Obj({"header": Header, "body": Body}, required=("header", "body"), name="WalletText")
-CustomerIds = Obj({
-    "customers": Arr(Str(min_length=1, max_length=40, description="Carnet customer id."),
-                     min_items=1, max_items=MAX_AUDIENCE),
-}, required=("customers",), name="WalletAudience")
-
-
-class Audience(Field):
-    """``"all"`` (everyone with a saved card) or ``{"customers": [ids]}``."""
-
-    def check(self, value: Any, path: str, errors: list[FieldError]) -> Any:
-        if value == "all":
-            return "all"
-        if isinstance(value, dict):
-            return CustomerIds.validate(value, path, errors)
-        errors.append(FieldError(path, "type", 'must be "all" or {"customers": [ids]}'))
-        return None
-
-    def schema(self) -> dict[str, Any]:
-        return {"oneOf": [{"const": "all"}, CustomerIds.schema()],
-                "description": 'Everyone with a card on Google or Apple ("all"), or the '
-                               "customers listed. Each person is decided on channel wallet."}
-
-
 MessageRequest = Obj({
     "topic": Topic,
-    "audience": Audience(),
+    "audience": Audience(
+        "WalletAudience",
+        'Everyone with a card on Google or Apple ("all"), or the customers listed. Each person '
+        "is decided on channel wallet."),
     "header": Header,
     "body": Body,
     "localized": Obj({"fr": Text}, description="Other languages; the member's language is "
