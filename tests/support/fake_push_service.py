@@ -12,8 +12,6 @@ can be counted. Answers can be scripted per endpoint (404, 410, 413, 429, 500, a
 from __future__ import annotations
 
 import base64
-import datetime as dt
-import ipaddress
 import json
 import os
 import socket
@@ -30,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import http_ece
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.x509.oid import NameOID
+
+from tests.support.tls import TlsMaterial, make_tls_material
 
 MAX_BODY = 4096
 MAX_VAPID_LIFETIME = 24 * 3600
@@ -120,69 +118,6 @@ class _Rejected(Exception):
 # --------------------------------------------------------------------------- TLS material
 
 
-@dataclass(frozen=True)
-class _TlsMaterial:
-    ca_path: Path
-    cert_path: Path
-    key_path: Path
-
-
-def _make_tls_material(directory: Path) -> _TlsMaterial:
-    """A throw-away CA and a leaf for 127.0.0.1, so clients verify TLS for real."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Fake push service CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    leaf_key = ec.generate_private_key(ec.SECP256R1())
-    leaf_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(leaf_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    material = _TlsMaterial(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
-    material.ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    material.cert_path.write_bytes(leaf_cert.public_bytes(serialization.Encoding.PEM))
-    material.key_path.write_bytes(
-        leaf_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return material
 
 
 # --------------------------------------------------------------------------- server
@@ -246,7 +181,7 @@ class FakePushService:
         self._connections = 0
         self._release = threading.Event()
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        self._tls_material: _TlsMaterial | None = None
+        self._tls_material: TlsMaterial | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.stalled = threading.Event()  # set when a stalled answer is being held
@@ -258,7 +193,7 @@ class FakePushService:
         server.service = self
         if self.tls:
             self._tmp = tempfile.TemporaryDirectory(prefix="fake-push-")
-            self._tls_material = _make_tls_material(Path(self._tmp.name))
+            self._tls_material = make_tls_material(Path(self._tmp.name), "Fake push service")
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(self._tls_material.cert_path, self._tls_material.key_path)
             # Handshake in the per-connection thread, not in the accept loop.
@@ -323,6 +258,10 @@ class FakePushService:
         path = "/" + endpoint.split("/", 3)[3] if "://" in endpoint else endpoint
         with self._lock:
             self._scripts[path] = list(answers)
+
+    def release_stalled(self) -> None:
+        """Answer every held request now (and later stalls at once)."""
+        self._release.set()
 
     # -- observation
 
