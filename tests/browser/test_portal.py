@@ -40,8 +40,8 @@ def test_sign_up_verify_change_matrix_and_see_history(page: Page, live: LiveServ
     expect(page.locator("#topic-offers").get_by_label("SMS")).to_be_checked()
 
     page.get_by_role("link", name="History").click()
-    expect(page.get_by_text("you agreed to Offers and promotions by SMS (on your preferences page)")) \
-        .to_be_visible()
+    expect(page.get_by_text(
+        "you agreed to Offers and promotions by SMS (on your preferences page)")).to_be_visible()
     expect(page.get_by_text("you switched off everything by Post")).to_be_visible()
 
 
