@@ -11,10 +11,10 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from portal.db import utcnow
 from portal.models.catalog import CHANNELS
 from portal.models.consent import ANY, STATES, ConsentEvent, ConsentProof, ConsentState
 from portal.models.customer import Customer
-from portal.db import utcnow
 from portal.services import changes
 from portal.services.catalog import Catalog, get_catalog, wording_exists
 

@@ -95,7 +95,7 @@ def test_precedence_table(case, topic_info, channel, facts, decision, reason):
 
 def test_every_rule_is_exercised_by_the_table():
     deciding_rules = set()
-    for _, topic_info, channel, facts, _, reason in TABLE:
+    for _, topic_info, channel, facts, _, _reason in TABLE:
         trace = decide(topic_info, channel, facts, AT).trace
         deciding_rules.add(next(rule for rule, outcome in reversed(trace) if outcome != "pass"))
     assert deciding_rules == set(RULES)
