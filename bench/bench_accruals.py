@@ -4,7 +4,9 @@ endpoint served by the same gunicorn server and workers (``CARNET_BENCH_BARE=1``
 key's claim, the member's row lock, the ledger entry, its lot, the tier window and the change
 feed, all in one transaction).
 
-Prints, in one run: bare requests/s and accruals/s (closed loop, as fast as the clients go) with
+Prints, in one run: the SQL statements and database round trips of one accrual (counted
+in-process on the same database, after a few accruals of the same member), bare requests/s
+and accruals/s (closed loop, as fast as the clients go) with
 their ratio and p50/p99; accrual p50/p99 at half the measured rate; replays/s (the same
 requests again with their keys); and checks that the ledger holds exactly one entry per 201.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import os
 import random
 import shutil
@@ -35,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.orm import Session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +53,9 @@ from portal.models.customer import Customer  # noqa: E402
 from portal.models.loyalty import IdempotencyRecord, LedgerEntry, Member  # noqa: E402
 from portal.services import api_keys  # noqa: E402
 from portal.services.catalog import load_catalog_file, sync_catalog  # noqa: E402
+from portal.services.loyalty import NO_EXPIRY  # noqa: E402
 from portal.services.loyalty_program import program_from_spec, record_terms  # noqa: E402
+from tests.support.statements import counting  # noqa: E402
 
 DATABASE = "carnet_bench_loyalty"
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -67,7 +72,8 @@ def recreate_database(drop_only: bool = False) -> None:
 
 
 def seed(url: str, members: int) -> tuple[str, list[str]]:
-    """Customers who are all members (bronze, zero balance), and a key with every scope."""
+    """Customers who are all members (bronze, zero balance, the caches as enrollment sets
+    them: nothing to expire, nothing earned in the window), and a key with every scope."""
     engine = make_engine(url)
     Base.metadata.create_all(engine)
     spec = load_catalog_file(ROOT / "portal" / "catalog.toml")
@@ -91,7 +97,9 @@ def seed(url: str, members: int) -> tuple[str, list[str]]:
                 {"id": i, "customer_id": i, "member_number": ordered[i - 1], "enrolled_at": now,
                  "terms_version": program.terms.version, "tier": program.base_tier.key,
                  "balance": 0, "lifetime_earned": 0, "lifetime_redeemed": 0,
-                 "tier_changed_at": now, "updated_at": now} for i in chunk])
+                 "tier_changed_at": now, "updated_at": now, "next_expiry_at": NO_EXPIRY,
+                 "window_earned": 0, "window_from": program.window_start(now)}
+                for i in chunk])
         for table in ("customers", "loyalty_members"):
             session.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                                  f"(SELECT MAX(id) FROM {table}))"))
@@ -103,6 +111,39 @@ def seed(url: str, members: int) -> tuple[str, list[str]]:
 
 
 Request = tuple[str, dict[str, Any], dict[str, str]]   # path, body, headers
+
+
+def count_accrual(url: str, key: str, number: str, workdir: Path) -> tuple[int, int]:
+    """(SQL statements, round trips) of one accrual through the app, in-process: the fifth
+    earn of one member, so the figures are those of a member with a history. Round trips add
+    BEGIN/COMMIT and the pool's pre-ping on each connection checkout."""
+    from portal import create_app
+
+    app = create_app({"TESTING": True, "DATABASE_URL": url, "INSTANCE_PATH": str(workdir),
+                      "SECRET_KEY": "bench-" + "x" * 40, "API_RATE_LIMIT": "100000000/60"})
+    bind = app.extensions["carnet.db"]["bind"]
+    checkouts = [0]
+
+    def checkout(*_args: Any) -> None:
+        checkouts[0] += 1
+
+    event.listen(bind.pool, "checkout", checkout)
+    client = app.test_client()
+    try:
+        for n in range(5):
+            checkouts[0] = 0
+            with counting(bind) as tally:
+                r = client.post(f"/api/v1/loyalty/members/{number}/transactions",
+                                json={"type": "earn", "points": 10, "reason": f"Count {n}",
+                                      "source_ref": f"COUNT-{n}"},
+                                headers={"Authorization": f"Bearer {key}",
+                                         "Idempotency-Key": f"count-{n}"})
+            if r.status_code != 201:
+                raise SystemExit(f"counting accrual answered {r.status_code}: {r.text}")
+        return len(tally.statements), tally.round_trips + checkouts[0]
+    finally:
+        bind.dispose()
+        logging.getLogger("httpx").setLevel(logging.WARNING)   # the app turned logging on
 
 
 def run(base: str, key: str, make: Callable[[random.Random, int], Request], seconds: float,
@@ -168,6 +209,9 @@ def main() -> None:
         started = time.perf_counter()
         key, numbers = seed(PG_BENCH, args.members)
         print(f"seeded {args.members:,} members in {time.perf_counter() - started:.1f} s")
+        statements, round_trips = count_accrual(PG_BENCH, key, numbers[0], workdir / "count")
+        print(f"one accrual: {statements} SQL statements, {round_trips} database round trips "
+              "(with BEGIN/COMMIT and connection pre-pings)")
         server = start_server(PG_BENCH, args.port, workdir)
         base = f"http://127.0.0.1:{args.port}"
         run_id = [0]
@@ -216,6 +260,8 @@ def main() -> None:
             records = session.scalar(select(func.count()).select_from(IdempotencyRecord))
         engine.dispose()
         print(f"  ratio accruals / bare              {rps / bare_rps:8.3f}")
+        print(f"  statements per accrual             {statements:8d}  "
+              f"({round_trips} round trips)")
         print(f"  ledger entries {entries:,}, idempotency records {records:,} "
               f"({errors + half[2]} unexpected statuses)")
         print(json.dumps({"members": args.members, "bare_rps": round(bare_rps),
@@ -226,7 +272,9 @@ def main() -> None:
                           "accrual_p99_ms": round(pct(lat, .99), 1),
                           "half_load_p50_ms": round(pct(half[1], .5), 1),
                           "half_load_p99_ms": round(pct(half[1], .99), 1),
-                          "replay_rps": round(replay_rps)}))
+                          "replay_rps": round(replay_rps),
+                          "statements_per_accrual": statements,
+                          "round_trips_per_accrual": round_trips}))
         if entries != records:
             raise SystemExit("ledger entries and idempotency records disagree")
     finally:

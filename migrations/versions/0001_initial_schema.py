@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 07:58:43.099117
+Create Date: 2026-11-22 08:21:59.619127
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from alembic import op
 
 import portal.db
 from portal.models import consent, loyalty
-
 
 revision = '0001'
 down_revision = None
@@ -185,6 +184,10 @@ def upgrade() -> None:
     sa.Column('lifetime_earned', sa.Integer(), nullable=False),
     sa.Column('lifetime_redeemed', sa.Integer(), nullable=False),
     sa.Column('tier_changed_at', portal.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('next_expiry_at', portal.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('window_earned', sa.Integer(), nullable=True),
+    sa.Column('window_from', portal.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('window_oldest_at', portal.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('updated_at', portal.db.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_loyalty_members_customer_id_customers')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_loyalty_members')),

@@ -252,15 +252,17 @@ def transactions(member_number: str, body: dict[str, Any]) -> Any:
         return bad_request(errors)
 
     def write(session: Session) -> Outcome:
-        target = _member(session, program, member_number)
+        # Found and locked in one statement. No savepoint around the write: the ledger
+        # refuses before it writes anything, so a refusal is kept like a success.
+        target = (ledger.lock_by_number(session, member_number)
+                  if program.number.matches(member_number) else None)
         if target is None:
             raise Unkept(not_found("no member with this number", "member_number"))
         try:
-            with session.begin_nested():
-                entry = ledger.accrue(
-                    session, program, target, body["type"], body["points"],
-                    reason=body["reason"], actor=_actor(), source_ref=body.get("source_ref"),
-                    store=body.get("store"), occurred_at=body.get("occurred_at"))
+            entry = ledger.accrue(
+                session, program, target, body["type"], body["points"],
+                reason=body["reason"], actor=_actor(), source_ref=body.get("source_ref"),
+                store=body.get("store"), occurred_at=body.get("occurred_at"))
         except ledger.LoyaltyError as exc:
             return outcome_of(_refused(exc))
         return _posted(target, entry)

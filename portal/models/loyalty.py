@@ -52,6 +52,17 @@ class Member(Base):
     lifetime_earned: Mapped[int] = mapped_column(Integer, default=0)
     lifetime_redeemed: Mapped[int] = mapped_column(Integer, default=0)
     tier_changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Caches kept under the member's row lock so an accrual need not read the ledger; NULL
+    # means "not known", and the ledger is read (and the cache refilled) on the next write.
+    # No open lot expires before ``next_expiry_at`` (a lower bound: spending lots only
+    # makes the true value later).
+    next_expiry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Points earned in the tier window as counted at a moment when the window started at
+    # ``window_from``; ``window_oldest_at`` is the oldest earn counted. The count is still
+    # exact while the window's start stays in [window_from, window_oldest_at).
+    window_earned: Mapped[int | None] = mapped_column(Integer)
+    window_from: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    window_oldest_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 

@@ -27,10 +27,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import exists, func, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -44,6 +46,9 @@ from portal.services.loyalty_program import LoyaltyProgram, Tier, record_terms
 MAX_POINTS = 10_000_000
 CREDIT_KINDS = ("earn", "adjust")
 EXPIRING_SOON = timedelta(days=30)
+# ``Member.next_expiry_at`` when no open lot expires at all.
+NO_EXPIRY = datetime(9999, 1, 1, tzinfo=UTC)
+_LOCKS = "carnet.loyalty.locks"
 
 
 class LoyaltyError(ValueError):
@@ -111,6 +116,12 @@ def find_by_number(session: Session, number: str) -> Member | None:
     return session.scalars(select(Member).where(Member.member_number == number)).first()
 
 
+def lock_by_number(session: Session, number: str) -> Member | None:
+    """The member with this number, row-locked for the rest of the transaction (and its
+    customer loaded): finding and locking a member before a ledger write is one statement."""
+    return _locked(session, Member.member_number == number)
+
+
 def entries(session: Session, member: Member, limit: int = 200) -> list[LedgerEntry]:
     """Newest first."""
     return list(session.scalars(
@@ -129,9 +140,18 @@ def earned_in_window(session: Session, program: LoyaltyProgram, member_ids: Sequ
     """
     if not member_ids:
         return {}
+    rows = session.execute(_window_query(program, member_ids, now))
+    earned = {member_id: 0 for member_id in member_ids}
+    earned.update({member_id: int(total or 0) for member_id, total, _ in rows})
+    return earned
+
+
+def _window_query(program: LoyaltyProgram, member_ids: Sequence[int], now: datetime) -> Any:
+    """(member id, points earned in the window, oldest earn counted) per member."""
     reversal = aliased(LedgerEntry)
-    rows = session.execute(
-        select(LedgerEntry.member_id, func.sum(LedgerEntry.points))
+    return (
+        select(LedgerEntry.member_id, func.sum(LedgerEntry.points),
+               func.min(LedgerEntry.occurred_at))
         .join(Member, Member.id == LedgerEntry.member_id)
         .where(
             LedgerEntry.member_id.in_(member_ids),
@@ -143,9 +163,6 @@ def earned_in_window(session: Session, program: LoyaltyProgram, member_ids: Sequ
         )
         .group_by(LedgerEntry.member_id)
     )
-    earned = {member_id: 0 for member_id in member_ids}
-    earned.update({member_id: int(total or 0) for member_id, total in rows})
-    return earned
 
 
 @dataclass(frozen=True)
@@ -231,8 +248,11 @@ def enroll(session: Session, program: LoyaltyProgram, customer: Customer, terms_
         member = Member(customer_id=customer.id, member_number=_new_number(session, program),
                         enrolled_at=now, terms_version=terms_version,
                         tier=program.base_tier.key, balance=0, lifetime_earned=0,
-                        lifetime_redeemed=0, tier_changed_at=now)
+                        lifetime_redeemed=0, tier_changed_at=now, next_expiry_at=NO_EXPIRY)
         session.add(member)
+    # Nothing earned before this enrollment counts towards a tier.
+    member.window_earned, member.window_oldest_at = 0, None
+    member.window_from = program.window_start(now)
     try:
         session.flush()
     except IntegrityError as exc:   # the same random number drawn twice at the same moment
@@ -284,7 +304,13 @@ def accrue(session: Session, program: LoyaltyProgram, member: Member, kind: str,
     ``adjust`` (signed) entry. The API exposes this as is.
 
     Raises :class:`DuplicateSourceRef` when the member already earned for ``source_ref`` and
-    :class:`InsufficientPoints` (nothing written) when a debit exceeds the balance.
+    :class:`InsufficientPoints` when a debit exceeds the balance. Every refusal is raised
+    before anything is written, so a caller may keep the refusal in the same transaction
+    without a savepoint (the API does).
+
+    The common case reads nothing but the locked member row: expiry is skipped while
+    ``next_expiry_at`` is in the future, and the tier comes from the window count cached on
+    the member (see :func:`_earned_now`).
     """
     if kind not in ("earn", "redeem", "adjust"):
         raise InvalidEntry("kind must be earn, redeem or adjust", "kind")
@@ -306,20 +332,22 @@ def accrue(session: Session, program: LoyaltyProgram, member: Member, kind: str,
         raise InvalidEntry("occurred_at is in the future", "occurred_at")
     _lock(session, member)
     _require_active(member)
-    if kind == "earn" and source_ref is not None:
-        existing = session.scalars(select(LedgerEntry).where(
-            LedgerEntry.member_id == member.id, LedgerEntry.kind == "earn",
-            LedgerEntry.source_ref == source_ref)).first()
-        if existing is not None:
-            raise DuplicateSourceRef(existing)
+    once = kind == "earn" and source_ref is not None
     signed = -points if kind == "redeem" else points
-    due = _open_lots(session, member, due=now)
+    due, next_expiry = _due_lots(session, member, now)
+    if once and next_expiry is not None:
+        # Expiry may write before the entry: look for the order first. Otherwise the
+        # entry's own insert finds it (the member's lock makes either way race-free).
+        _refuse_duplicate(session, member, source_ref)
+        once = False
     available = member.balance - sum(lot.remaining for lot in due)
     if signed < 0 and available < -signed:
         raise InsufficientPoints(available, -signed)   # before anything is written
-    _expire_due(session, program, member, actor="system:expiry", now=now, due=due)
+    _expire_due(session, program, member, actor="system:expiry", now=now,
+                due=(due, next_expiry))
     return _post(session, program, member, kind, signed, reason=reason, actor=actor,
-                 source_ref=source_ref, store=store, occurred_at=occurred_at, now=now)
+                 source_ref=source_ref, store=store, occurred_at=occurred_at, now=now,
+                 once_per_source=once)
 
 
 def earn(session: Session, program: LoyaltyProgram, member: Member, points: int,
@@ -366,9 +394,50 @@ def reverse(session: Session, program: LoyaltyProgram, entry: LedgerEntry, *, re
 
 
 def _lock(session: Session, member: Member) -> None:
-    """Take the member's row lock and reload it, so the balance read is the committed one."""
-    session.execute(select(Member).where(Member.id == member.id).with_for_update()
-                    .execution_options(populate_existing=True)).scalar_one()
+    """Take the member's row lock and reload it, so the balance read is the committed one.
+    A lock this transaction already holds (taken by :func:`lock_by_number`) is not asked
+    for again."""
+    if not _holds_lock(session, member.id):
+        _locked(session, Member.id == member.id)
+
+
+def _locked(session: Session, condition: Any) -> Member | None:
+    """Lock and reload one member, with its customer (whose public id the change feed
+    needs), and remember the lock for this transaction."""
+    row = session.execute(
+        select(Member, Customer.public_id).join(Customer, Customer.id == Member.customer_id)
+        .where(condition).with_for_update(of=Member)
+        .execution_options(populate_existing=True)).first()
+    if row is None:
+        return None
+    member: Member = row[0]
+    root = session.get_transaction()
+    held = session.info.get(_LOCKS)
+    if held is None or held[0] is not root:
+        held = session.info[_LOCKS] = (root, {})
+    locks: dict[int, tuple[Any, str]] = held[1]
+    locks[member.id] = (_innermost(session), row[1])
+    return member
+
+
+def _innermost(session: Session) -> Any:
+    return session.get_nested_transaction() or session.get_transaction()
+
+
+def _holds_lock(session: Session, member_id: int) -> bool:
+    """Whether the row lock was taken in this transaction or a savepoint still open in it
+    (a savepoint rolled back releases its locks; one released may have been rolled back
+    with its parent, so only the open chain counts)."""
+    held = session.info.get(_LOCKS)
+    if held is None or held[0] is not session.get_transaction() or member_id not in held[1]:
+        return False
+    taken_in = held[1][member_id][0]
+    transaction = _innermost(session)
+    while transaction is not None:
+        if transaction is taken_in:
+            return True
+        transaction = transaction.parent
+    return False
 
 
 def _require_active(member: Member) -> None:
@@ -377,15 +446,43 @@ def _require_active(member: Member) -> None:
 
 
 def _public_id(session: Session, member: Member) -> str:
+    held = session.info.get(_LOCKS)
+    if held is not None and held[0] is session.get_transaction() and member.id in held[1]:
+        return str(held[1][member.id][1])   # read with the lock
     customer = session.get(Customer, member.customer_id)
     return customer.public_id if customer is not None else ""
 
 
-def _open_lots(session: Session, member: Member, *, due: datetime | None = None) -> list[Lot]:
-    query = select(Lot).where(Lot.member_id == member.id, Lot.remaining > 0)
-    if due is not None:
-        query = query.where(Lot.expires_at <= due)
-    return list(session.scalars(query.order_by(Lot.earned_at, Lot.entry_id)))
+def _open_lots(session: Session, member: Member) -> list[Lot]:
+    return list(session.scalars(
+        select(Lot).where(Lot.member_id == member.id, Lot.remaining > 0)
+        .order_by(Lot.earned_at, Lot.entry_id)))
+
+
+Due = tuple[list[Lot], datetime | None]
+
+
+def _due_lots(session: Session, member: Member, now: datetime) -> Due:
+    """The open lots past their expiry (oldest first) and the next expiry of the others.
+
+    No query while ``next_expiry_at`` is in the future, the common case; the second value
+    is then None (nothing to update). Nothing is written here, so a refusal may follow."""
+    if member.next_expiry_at is not None and member.next_expiry_at > now:
+        return [], None
+    due, later = [], NO_EXPIRY
+    for lot in _open_lots(session, member):
+        if lot.expires_at is not None and lot.expires_at <= now:
+            due.append(lot)
+        elif lot.expires_at is not None:
+            later = min(later, lot.expires_at)
+    return due, later
+
+
+def _lower_next_expiry(member: Member, expires_at: datetime | None) -> None:
+    """An open lot expiring at ``expires_at`` appeared (a credit, points given back)."""
+    if expires_at is not None and member.next_expiry_at is not None \
+            and expires_at < member.next_expiry_at:
+        member.next_expiry_at = expires_at
 
 
 def _take(session: Session, lots: Sequence[Lot], amount: int, entry: LedgerEntry) -> int:
@@ -435,37 +532,78 @@ def _settle_debt(session: Session, member: Member, debt: int) -> None:
 
 
 def _expire_due(session: Session, program: LoyaltyProgram, member: Member, *, actor: str,
-                now: datetime, due: Sequence[Lot] | None = None) -> None:
-    if due is None:
-        due = _open_lots(session, member, due=now)
-    total = sum(lot.remaining for lot in due)
+                now: datetime, due: Due | None = None) -> None:
+    lots, next_expiry = due if due is not None else _due_lots(session, member, now)
+    total = sum(lot.remaining for lot in lots)
     if total:
         _post(session, program, member, "expire", -total, reason="expired", actor=actor,
-              now=now, lots=due)
+              now=now, lots=lots)
+    if next_expiry is not None:
+        member.next_expiry_at = next_expiry
+
+
+def _refuse_duplicate(session: Session, member: Member, source_ref: str | None) -> None:
+    existing = session.scalars(select(LedgerEntry).where(
+        LedgerEntry.member_id == member.id, LedgerEntry.kind == "earn",
+        LedgerEntry.source_ref == source_ref)).first()
+    if existing is not None:
+        raise DuplicateSourceRef(existing)
+
+
+def _append_once(session: Session, values: dict[str, Any]) -> LedgerEntry:
+    """Insert an earn unless its order already earned (the partial unique index), in one
+    statement; raise :class:`DuplicateSourceRef` (nothing written) when it did."""
+    dialect = session.get_bind().dialect.name
+    insert_: Any = {"postgresql": pg_insert, "sqlite": sqlite_insert}.get(dialect)
+    if insert_ is None:
+        _refuse_duplicate(session, session.get_one(Member, values["member_id"]),
+                          values["source_ref"])
+        entry = LedgerEntry(**values)
+        session.add(entry)
+        session.flush()
+        return entry
+    statement = insert_(LedgerEntry).on_conflict_do_nothing(
+        index_elements=[LedgerEntry.member_id, LedgerEntry.source_ref],
+        # Written out as the index's own predicate: a bound parameter here would stop
+        # PostgreSQL from matching the partial index once the statement is prepared.
+        index_where=text("kind = 'earn' AND source_ref IS NOT NULL"),
+    ).returning(LedgerEntry)
+    inserted: LedgerEntry | None = session.scalars(statement, [values]).first()
+    if inserted is None:
+        _refuse_duplicate(session, session.get_one(Member, values["member_id"]),
+                          values["source_ref"])
+        raise AssertionError("the earn was refused but no earlier one was found")
+    return inserted
 
 
 def _post(session: Session, program: LoyaltyProgram, member: Member, kind: str, points: int, *,
           reason: str, actor: str, now: datetime, source_ref: str | None = None,
           store: str | None = None, occurred_at: datetime | None = None,
-          reverses: LedgerEntry | None = None, lots: Sequence[Lot] | None = None
-          ) -> LedgerEntry:
+          reverses: LedgerEntry | None = None, lots: Sequence[Lot] | None = None,
+          once_per_source: bool = False) -> LedgerEntry:
     """Append one entry and bring lots, balance, tier and the change feed along. The member
-    row must be locked by the caller."""
+    row must be locked by the caller. With ``once_per_source`` (an earn whose order was not
+    looked up yet), a duplicate order raises :class:`DuplicateSourceRef` before anything is
+    written, which needs this entry to be the transaction's first write for the member."""
     occurred_at = occurred_at or now
     credit_lot = points > 0 and kind in CREDIT_KINDS
-    entry = LedgerEntry(
+    values = dict(
         member_id=member.id, kind=kind, points=points, reason=reason[:200],
         source_ref=source_ref, store=store, actor=actor[:120], occurred_at=occurred_at,
         recorded_at=now, reverses_id=reverses.id if reverses is not None else None,
         expires_at=program.expires_at(occurred_at) if credit_lot else None,
     )
-    session.add(entry)
-    session.flush()
+    if once_per_source:
+        entry = _append_once(session, values)
+    else:
+        entry = LedgerEntry(**values)
+        session.add(entry)
+        session.flush()   # the entry's id, for its lot and allocations
     before = member.balance
     if credit_lot:
         session.add(Lot(entry_id=entry.id, member_id=member.id, earned_at=occurred_at,
                         expires_at=entry.expires_at, points=points, remaining=points))
-        session.flush()
+        _lower_next_expiry(member, entry.expires_at)
     elif reverses is not None and points > 0:
         # A debit reversed: its points go back to the lots they came from.
         for allocation in session.scalars(select(LotAllocation).where(
@@ -473,6 +611,7 @@ def _post(session: Session, program: LoyaltyProgram, member: Member, kind: str, 
             lot = session.get(Lot, allocation.lot_id)
             assert lot is not None
             lot.remaining += allocation.points
+            _lower_next_expiry(member, lot.expires_at)
             session.add(LotAllocation(lot_id=lot.entry_id, entry_id=entry.id,
                                       points=-allocation.points))
     elif points < 0:
@@ -493,10 +632,9 @@ def _post(session: Session, program: LoyaltyProgram, member: Member, kind: str, 
             member.lifetime_earned -= reverses.points
         elif reverses.kind == "redeem":
             member.lifetime_redeemed -= -reverses.points
-    session.flush()
     public_id = _public_id(session, member)
     previous_tier = member.tier
-    _refresh_tier(session, program, member, now, points, public_id)
+    _refresh_tier(session, program, member, now, entry, public_id)
     changes.emit(session, "loyalty.points_changed", {
         "customer": public_id, "member_number": member.member_number,
         "balance": member.balance, "tier": member.tier, "delta": points, "kind": kind,
@@ -507,15 +645,50 @@ def _post(session: Session, program: LoyaltyProgram, member: Member, kind: str, 
 
 
 def _refresh_tier(session: Session, program: LoyaltyProgram, member: Member, now: datetime,
-                  delta: int, public_id: str) -> None:
-    earned = earned_in_window(session, program, [member.id], now)[member.id]
+                  entry: LedgerEntry, public_id: str) -> None:
+    earned = _earned_now(session, program, member, now, entry)
     tier = program.tier_for(earned).key
     if tier == member.tier:
         return
     previous, member.tier, member.tier_changed_at = member.tier, tier, now
     changes.emit(session, "loyalty.tier_changed", tier_change_payload(
-        public_id, member.member_number, member.balance, tier, previous, delta, earned, now),
-        member.customer_id)
+        public_id, member.member_number, member.balance, tier, previous, entry.points, earned,
+        now), member.customer_id)
+
+
+def _earned_now(session: Session, program: LoyaltyProgram, member: Member, now: datetime,
+                entry: LedgerEntry) -> int:
+    """Points earned in the window at ``now``, ``entry`` included: what
+    :func:`earned_in_window` would answer, from the member's cached count when it is still
+    exact, else from the ledger (and the cache is refilled).
+
+    The cached count stays exact while no earn it counted has left the window and the
+    window has not grown (``window_from <= start < window_oldest_at``); each earn is added
+    as it is posted. A reversal reads the ledger, and an earn dated in the future (a till's
+    clock ahead) leaves the cache unknown, because it will start counting later.
+    """
+    start = program.window_start(now)
+    cached = member.window_earned
+    exact = (cached is not None and member.window_from is not None
+             and member.window_from <= start
+             and (member.window_oldest_at is None or start < member.window_oldest_at))
+    if exact and entry.kind != "reversal":
+        assert cached is not None
+        earned = cached
+        at = entry.occurred_at
+        if entry.kind == "earn" and start < at <= now and at >= member.enrolled_at:
+            earned += entry.points
+            member.window_earned = earned
+            if member.window_oldest_at is None or at < member.window_oldest_at:
+                member.window_oldest_at = at
+    else:
+        row = session.execute(_window_query(program, [member.id], now)).first()
+        earned = int(row[1] or 0) if row is not None else 0
+        member.window_earned, member.window_from = earned, start
+        member.window_oldest_at = row[2] if row is not None else None
+    if entry.kind == "earn" and entry.occurred_at > now:
+        member.window_earned = None
+    return earned
 
 
 def tier_change_payload(customer: str, member_number: str, balance: int, tier: str,

@@ -20,6 +20,7 @@ from portal.services.loyalty_program import load_program, luhn_check_digit
 from tests.conftest import CATALOG, app_config, prepare_schema
 from tests.support.api_client import Api, field_errors, make_key
 from tests.support.databases import PG_URL, fresh_database
+from tests.support.statements import counting
 from tests.support.webhook_receiver import WebhookReceiver
 
 PROGRAM = load_program(CATALOG)
@@ -547,3 +548,38 @@ def test_concurrent_identical_requests_write_once_and_answer_alike(kind, tmp_pat
         finally:
             app.extensions["carnet.db"]["bind"].dispose()
 
+
+
+# --- cost --------------------------------------------------------------------------------------
+
+
+def _statements(api, connection, number, body, key):
+    """The SQL an accrual sends, without the SAVEPOINTs the test's outer transaction adds."""
+    with counting(connection) as tally:
+        r = post(api, number, body, key)
+    assert r.status_code == 201, r.get_json()
+    return [sql for sql in tally.statements if not sql.startswith(("SAVEPOINT", "RELEASE"))]
+
+
+def test_an_accrual_costs_a_few_statements_whatever_the_history(api, connection):
+    """Latency a till notices: authenticating the key, claiming the Idempotency-Key, finding
+    and locking the member, appending the entry and its lot, moving the balance, the change
+    feed and keeping the answer are one statement each. Nothing reads the member's history
+    (no expiry scan, no tier-window sum) while nothing is due to expire and the cached
+    window count is exact, so a long history costs the same."""
+    _, member = enroll(api)
+    number = member["member_number"]
+    for n in range(12):
+        earn(api, number, 50, f"H-{n}")
+    post(api, number, {"type": "redeem", "points": 120, "reason": "Voucher"}, "h-redeem")
+    cases = [
+        ("earn", {"type": "earn", "points": 40, "reason": "Order", "source_ref": "N-1"}, 8),
+        ("earn to the next tier", {"type": "earn", "points": 1000, "reason": "Order",
+                                   "source_ref": "N-2"}, 9),
+        ("adjust", {"type": "adjust", "points": 5, "reason": "Goodwill"}, 8),
+        # a debit also reads the open lots (FIFO), takes from them and records from where
+        ("redeem", {"type": "redeem", "points": 80, "reason": "Voucher"}, 11),
+    ]
+    for name, body, most in cases:
+        sent = _statements(api, connection, number, body, f"cost-{name}")
+        assert len(sent) <= most, (name, len(sent), sent)

@@ -347,6 +347,70 @@ def test_reversing_a_redeem_gives_the_points_back_to_their_lots(session):
     healthy(session, member)
 
 
+def _true_state(session: Session, member: Member, now: datetime) -> tuple[int, datetime]:
+    """Earned in the window and the earliest open lot expiry, read from the ledger."""
+    session.flush()
+    earned = ledger.earned_in_window(session, PROGRAM, [member.id], now)[member.id]
+    soonest = session.scalar(select(func.min(Lot.expires_at)).where(
+        Lot.member_id == member.id, Lot.remaining > 0))
+    return earned, soonest or ledger.NO_EXPIRY
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cached_expiry_and_window_agree_with_the_ledger(session, seed):
+    """Accruals skip the ledger reads while the member's caches say nothing is due and the
+    window count is exact: over a long random history (back-dated and future-dated earns,
+    refunds, overdrafts, expiry, the nightly jobs, leaving and coming back), every write
+    still expires what is due first and lands on the tier the ledger gives."""
+    import random
+
+    rng = random.Random(seed)
+    member = new_member(session)
+    now = T0
+    posted: list[LedgerEntry] = []
+    for step in range(120):
+        now += timedelta(days=rng.choice([0, 1, 5, 20, 45, 90]), minutes=rng.randint(0, 600))
+        roll = rng.random()
+        try:
+            if roll < 0.45:
+                occurred = now - timedelta(days=rng.choice([0, 0, 3, 40, 200]))
+                if rng.random() < 0.1:
+                    occurred = now + timedelta(minutes=3)        # a till's clock ahead
+                ref = f"Q-{seed}-{rng.randint(0, step)}"           # sometimes a repeat
+                posted.append(ledger.earn(session, PROGRAM, member, rng.randint(1, 2500),
+                                          reason="Order", actor="t", source_ref=ref,
+                                          occurred_at=occurred, now=now))
+            elif roll < 0.65:
+                posted.append(ledger.redeem(session, PROGRAM, member, rng.randint(1, 1500),
+                                            reason="Reward", actor="t", now=now))
+            elif roll < 0.75:
+                posted.append(ledger.adjust(session, PROGRAM, member,
+                                            rng.choice([-1, 1]) * rng.randint(1, 500),
+                                            reason="Goodwill", actor="t", now=now))
+            elif roll < 0.87 and posted:
+                ledger.reverse(session, PROGRAM, rng.choice(posted), reason="Refund",
+                               actor="t", now=now)
+            elif roll < 0.95:
+                expire_points(session, now)
+                recompute_tiers(session, PROGRAM, now)
+                session.expire_all()
+                continue
+            else:
+                ledger.leave(session, PROGRAM, member, actor="t", at=now)
+                customer = session.get(ledger.Customer, member.customer_id)
+                member = ledger.enroll(session, PROGRAM, customer, PROGRAM.terms.version,
+                                       PROOF, at=now)
+                continue
+        except (ledger.InsufficientPoints, ledger.DuplicateSourceRef, ledger.NotReversible):
+            healthy(session, member)        # a refusal writes nothing, not even an expiry
+            continue
+        earned, soonest = _true_state(session, member, now)
+        assert member.tier == PROGRAM.tier_for(earned).key, (step, earned)
+        assert member.next_expiry_at is None or member.next_expiry_at <= soonest, step
+        assert soonest > now, step                        # nothing past due stays open
+        healthy(session, member)
+
+
 # --- leaving, events, privacy, idempotency -----------------------------------------------------
 
 
