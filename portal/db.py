@@ -12,7 +12,8 @@ from typing import Any
 from flask import Flask, current_app, g
 from sqlalchemy import BigInteger, DateTime, Engine, Integer, MetaData, create_engine, event
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
+from sqlalchemy.orm.session import SessionTransactionOrigin
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
@@ -23,6 +24,9 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+WRITE_OPTION = "carnet_write"
 
 
 class Base(DeclarativeBase):
@@ -54,13 +58,37 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN")
+            write = conn.get_execution_options().get(WRITE_OPTION)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
     return create_engine(url, **kwargs)
+
+
+class RequestSession(Session):
+    """On PostgreSQL, :meth:`begin` adopts a transaction that reads have already opened
+    (autobegin) instead of refusing to start: the API reads the caller's key first, and the
+    view's ``with session.begin():`` then continues that transaction, so a request costs one
+    connection checkout and one BEGIN/COMMIT instead of two. Under READ COMMITTED each
+    statement sees the latest commits anyway, so nothing reads older data for it.
+
+    Not on SQLite: there a transaction that has read cannot always be upgraded to a write
+    while another writer commits, so the key lookup keeps its own short transaction (and
+    round trips there cost nothing)."""
+
+    @property
+    def adopts_reads(self) -> bool:
+        return self.get_bind().dialect.name == "postgresql"
+
+    def begin(self, nested: bool = False) -> SessionTransaction:
+        trans = self._transaction
+        if (not nested and trans is not None and trans.origin is SessionTransactionOrigin.AUTOBEGIN
+                and self.adopts_reads):
+            return trans
+        return super().begin(nested)
 
 
 def init_app(app: Flask) -> None:
@@ -75,6 +103,7 @@ def init_app(app: Flask) -> None:
         bind = make_engine(app.config["DATABASE_URL"])
     factory = sessionmaker(
         bind=bind,
+        class_=RequestSession,
         expire_on_commit=False,
         autobegin=True,
         join_transaction_mode="create_savepoint",
@@ -83,11 +112,11 @@ def init_app(app: Flask) -> None:
     app.teardown_appcontext(_close_session)
 
 
-def get_session() -> Session:
+def get_session() -> RequestSession:
     """The request's Session, created on first use."""
     if "db_session" not in g:
         g.db_session = current_app.extensions["carnet.db"]["sessionmaker"]()
-    session: Session = g.db_session
+    session: RequestSession = g.db_session
     return session
 
 
@@ -100,6 +129,23 @@ def new_session(app: Flask) -> Session:
     """A Session outside any request (CLI commands, the worker)."""
     session: Session = app.extensions["carnet.db"]["sessionmaker"]()
     return session
+
+
+def begin_write(session: Session) -> SessionTransaction:
+    """``session.begin()`` for a transaction that reads, then writes.
+
+    On SQLite it starts with ``BEGIN IMMEDIATE``. A deferred transaction that has read cannot
+    take the write lock once another connection (the worker, another request) committed
+    after its first read: SQLite answers "database is locked" at once, without waiting out
+    the busy timeout (``SQLITE_BUSY_SNAPSHOT``). Taking the lock up front makes writers wait
+    their turn instead. Other databases, and sessions bound to a test's connection, are
+    unchanged.
+    """
+    transaction = session.begin()
+    bind = session.get_bind()
+    if isinstance(bind, Engine) and bind.dialect.name == "sqlite":
+        session.connection(execution_options={WRITE_OPTION: True})
+    return transaction
 
 
 def _close_session(_exc: BaseException | None) -> None:

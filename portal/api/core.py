@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any
 
+import orjson
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from sqlalchemy.exc import OperationalError
 
@@ -72,8 +75,11 @@ def _authenticate(scopes: tuple[str, ...]) -> Response | None:
     if scheme.lower() != "bearer" or not raw.strip():
         return unauthorized("Send Authorization: Bearer <key>.")
     session = get_session()
-    with session.begin():
+    if session.adopts_reads:  # the view continues this transaction (see RequestSession)
         key = api_keys.authenticate(session, raw.strip())
+    else:
+        with session.begin():
+            key = api_keys.authenticate(session, raw.strip())
     if key is not None and api_keys.needs_touch(key):
         try:
             with session.begin():
@@ -100,15 +106,45 @@ def _authenticate(scopes: tuple[str, ...]) -> Response | None:
     return None
 
 
+@contextmanager
+def timed(phase: str) -> Iterator[None]:
+    """Time a phase of the request for the ``Server-Timing`` header."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        g.setdefault("timings", []).append((phase, time.perf_counter() - started))
+
+
+def fast_json(data: Any, status: int = 200) -> Response:
+    """A JSON answer serialised with orjson: the decision endpoints return up to 10,000
+    objects, where the standard encoder (sorting keys) cost more than the decisions."""
+    with timed("encode"):
+        body = orjson.dumps(data)
+    return current_app.response_class(body, status=status, mimetype="application/json")
+
+
+def _server_timing(started: float) -> str:
+    parts = [f"{name};dur={seconds * 1000:.1f}" for name, seconds in g.pop("timings", [])]
+    parts.append(f"app;dur={(time.perf_counter() - started) * 1000:.1f}")
+    return ", ".join(parts)
+
+
 def _read_body(spec: Obj) -> dict[str, Any] | Response:
     if request.mimetype not in JSON_TYPES:
         return problem(415, "unsupported-media-type", "Send application/json.",
                        f"Content-Type was '{request.mimetype or 'missing'}'.")
     raw = request.get_data(cache=True)
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return problem(400, "malformed-json", "The body is not valid JSON.", str(exc)[:200])
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # orjson refuses what the standard library accepts (integers past 64 bits, NaN);
+        # those still reach validation as before, and its messages name the fault.
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            return problem(400, "malformed-json", "The body is not valid JSON.",
+                           str(exc)[:200])
     try:
         return spec.parse(data)
     except Invalid as exc:
@@ -137,7 +173,15 @@ class Api:
 
             @wraps(view)
             def wrapper(**path: Any) -> Any:
-                denied = _authenticate(scopes) if scopes else None
+                started = time.perf_counter()
+                response = current_app.make_response(answer(**path))
+                # Time spent in the application, before any streamed body is produced.
+                response.headers["Server-Timing"] = _server_timing(started)
+                return response
+
+            def answer(**path: Any) -> Any:
+                with timed("auth"):
+                    denied = _authenticate(scopes) if scopes else None
                 if denied is not None:
                     return denied
                 if any(isinstance(v, str) and ("\x00" in v or len(v) > 255)
@@ -150,7 +194,8 @@ class Api:
                     except Invalid as exc:
                         return bad_request(exc.errors)
                 if body is not None:
-                    parsed = _read_body(body)
+                    with timed("parse"):
+                        parsed = _read_body(body)
                     if isinstance(parsed, Response):
                         return parsed
                     kwargs["body"] = parsed

@@ -10,7 +10,7 @@ from portal.api.common import CUSTOMER_SCHEMA, customer_json, decision_json, obj
 from portal.api.core import bad_request, conflict, not_found, unprocessable
 from portal.api.schema import FieldError, Obj, Str
 from portal.api.schemas import ConsentRequest, CustomerCreate, MergeRequest
-from portal.db import get_session, utcnow
+from portal.db import begin_write, get_session, utcnow
 from portal.services import identity
 from portal.services.accounts import AccountError
 from portal.services.catalog import get_catalog
@@ -60,7 +60,7 @@ def create(body: dict[str, Any]) -> Any:
     """409 when the email, phone or an external id already belongs to someone."""
     session = get_session()
     try:
-        with session.begin():
+        with begin_write(session):
             customer = identity.create(session, body)
             return customer_json(session, customer), 201
     except (identity.IdentityError, AccountError) as exc:
@@ -76,7 +76,7 @@ def upsert_external(namespace: str, value: str, body: dict[str, Any]) -> Any:
         return unprocessable("too_long", "namespace or value too long", "namespace")
     session = get_session()
     try:
-        with session.begin():
+        with begin_write(session):
             customer, created = identity.upsert_external(session, namespace, value, body)
             return customer_json(session, customer), 201 if created else 200
     except (identity.IdentityError, AccountError) as exc:
@@ -102,7 +102,7 @@ def merge(body: dict[str, Any]) -> Any:
     granted); suppressions carry over; both histories are kept."""
     session = get_session()
     try:
-        with session.begin():
+        with begin_write(session):
             survivor, merged = identity.resolve_many(session, [body["survivor"],
                                                                body["merged"]])
             if survivor is None:
@@ -148,7 +148,7 @@ def consents(customer_id: str, body: dict[str, Any]) -> Any:
     proof = Proof(source=body["source"], actor=body["actor"], ip=body.get("ip"),
                   user_agent=body.get("user_agent"))
     try:
-        with session.begin():
+        with begin_write(session):
             customer = identity.by_public_id(session, customer_id)
             if customer is None:
                 return not_found("no such customer", "customer")

@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from portal.db import utcnow
@@ -62,22 +62,36 @@ def create_key(session: Session, name: str, scopes: list[str]) -> NewKey:
     return NewKey(key, secret)
 
 
-def authenticate(session: Session, raw: str) -> ApiKey | None:
-    """The live key matching ``raw``, or None. A revoked key fails at once: no cache."""
+_BY_HASH = select(ApiKey.id, ApiKey.name, ApiKey.scopes, ApiKey.last_used_at).where(
+    ApiKey.key_hash == bindparam("hash"), ApiKey.revoked_at.is_(None))
+
+
+@dataclass
+class Caller:
+    """The key a request was authenticated with: what views and the rate limit need."""
+
+    id: int
+    name: str
+    scopes: list[str]
+    last_used_at: datetime | None
+
+
+def authenticate(session: Session, raw: str) -> Caller | None:
+    """The live key matching ``raw``, or None. A revoked key fails at once: no cache. One
+    indexed lookup of four columns (no ORM object), so it costs about what reading a
+    revocation counter would."""
     if not raw.startswith(KEY_PREFIX) or len(raw) > 200:
         return None
-    key = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest(raw))).first()
-    if key is None or key.revoked_at is not None:
-        return None
-    return key
+    row = session.connection().execute(_BY_HASH, {"hash": digest(raw)}).first()
+    return None if row is None else Caller(*row)
 
 
-def needs_touch(key: ApiKey, now: datetime | None = None) -> bool:
+def needs_touch(key: ApiKey | Caller, now: datetime | None = None) -> bool:
     now = now or utcnow()
     return key.last_used_at is None or key.last_used_at < now - LAST_USED_GRANULARITY
 
 
-def touch(session: Session, key: ApiKey, now: datetime | None = None) -> None:
+def touch(session: Session, key: ApiKey | Caller, now: datetime | None = None) -> None:
     """Record use, at most once a minute. Its own short write transaction (SQLite cannot
     upgrade a read transaction to a write under concurrent writers); conditional, so the
     requests of the same minute racing here write once."""

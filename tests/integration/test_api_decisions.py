@@ -254,3 +254,32 @@ def test_dispatches_are_stored(api):
     session = new_session(api.app)
     assert session.get(Dispatch, r.get_json()["id"]).sender == "sms-gw"
     session.close()
+
+
+def test_decisions_report_their_server_time_and_stay_within_few_statements(api):
+    c = api.customer("timed@example.com")
+    api.consent(c, "newsletter", "email", "granted")
+    decide(api, c, "newsletter", "email")  # catalog cached, key use recorded
+    bind = get_engine(api.app)
+    engine = bind.engine if hasattr(bind, "engine") else bind
+    selects = []
+
+    def on_execute(_conn, _cursor, statement, *_args):
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(statement)
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    try:
+        r = api.post("/decisions", {"customer": {"email": "Timed@Example.com"},
+                                    "topic": "newsletter", "channel": "email"})
+    finally:
+        event.remove(engine, "before_cursor_execute", on_execute)
+    assert r.status_code == 200 and r.get_json()["reason"] == "consented"
+    # the key, the person, the facts (states, suppressions and contact rules in one UNION)
+    assert len(selects) == 3, selects
+    r = api.post("/decisions/batch", {"items": [
+        {"customer": {"id": c.public_id}, "topic": "newsletter", "channel": "email"}]})
+    timing = r.headers["Server-Timing"]
+    assert {part.split(";")[0] for part in timing.split(", ")} >= {
+        "auth", "parse", "resolve", "decide", "encode", "app"}
+    assert float(timing.rsplit("app;dur=", 1)[1]) > 0
