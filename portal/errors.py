@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify, render_template, request
+from flask import Flask, Response, g, jsonify, render_template, request
 from flask_babel import gettext as _
 from flask_wtf.csrf import CSRFError
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -70,6 +70,10 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(DBAPIError)
     def _database(exc: Exception) -> Response:
         log.error("database unavailable: %s", exc)
+        # The failed transaction was rolled back, which expired the signed-in customer:
+        # reading its locale for this page would go back to the database and turn the 503
+        # into a 500. The page is rendered as for a visitor (session or browser language).
+        g.customer = None
         if _wants_problem():
             response = problem(503, "unavailable", "Database unavailable",
                                "Retry after the number of seconds in Retry-After.")

@@ -91,13 +91,13 @@ def deliver_webhooks(app: Flask) -> int:
     """Lease due endpoints, deliver each in order. Returns the number of changes sent."""
     import httpx
 
-    from portal.db import new_session, utcnow
+    from portal.db import begin_write, new_session, utcnow
     from portal.services import webhooks
 
     policy = webhook_policy(app)
     assert isinstance(policy, webhooks.Policy)
     session = new_session(app)
-    with session.begin():
+    with begin_write(session):
         claimed = webhooks.claim_due(session, utcnow(), policy)
     session.close()
     sent = 0

@@ -23,7 +23,7 @@ import httpx
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from portal.db import utcnow
+from portal.db import begin_write, utcnow
 from portal.models.api import Webhook, WebhookDelivery
 from portal.models.change import Change
 from portal.services import feed
@@ -211,7 +211,7 @@ def deliver_endpoint(make_session: Callable[[], Session], client: httpx.Client, 
     session = make_session()
     try:
         while time.monotonic() < deadline:
-            with session.begin():
+            with begin_write(session):
                 hook = session.get(Webhook, hook_id)
                 if hook is None or hook.disabled_at or hook.deleted_at:
                     return sent
@@ -232,14 +232,14 @@ def deliver_endpoint(make_session: Callable[[], Session], client: httpx.Client, 
                 body = json.dumps(feed.as_json(session, [change])[0],
                                   separators=(",", ":")).encode()
             attempt = post(client, hook, body, change, policy)
-            with session.begin():
+            with begin_write(session):
                 hook = session.get(Webhook, hook_id)
                 assert hook is not None
                 if not record(session, hook, change, attempt, clock(), policy):
                     hook.leased_until = None
                     return sent
                 sent += 1
-        with session.begin():
+        with begin_write(session):
             session.execute(update(Webhook).where(Webhook.id == hook_id)
                             .values(leased_until=None))
         return sent

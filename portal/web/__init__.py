@@ -5,6 +5,8 @@ from __future__ import annotations
 from flask import Flask
 from sqlalchemy.orm import Session, SessionTransaction
 
+from portal.db import begin_write
+
 
 def transaction(db: Session) -> SessionTransaction:
     """Begin the request's write transaction.
@@ -12,10 +14,11 @@ def transaction(db: Session) -> SessionTransaction:
     Reads made earlier in the request (the signed-in customer, the catalog, a link's customer)
     autobegan a read-only transaction, and ``Session.begin()`` refuses to start while one is
     open. That read transaction is ended first; ``expire_on_commit=False`` keeps what it loaded.
+    On SQLite the write transaction takes the write lock at once (see ``begin_write``).
     """
     if db.in_transaction():
         db.commit()
-    return db.begin()
+    return begin_write(db)
 
 
 def local_path(target: str | None) -> str | None:

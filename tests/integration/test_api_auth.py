@@ -187,3 +187,19 @@ def test_docs_page_is_self_contained_under_the_csp(client):
 def test_unknown_api_path_is_a_problem(api):
     r = api.get("/nothing-here")
     assert r.status_code == 404 and r.mimetype == "application/problem+json"
+
+
+def test_a_browser_signed_in_to_the_portal_can_call_the_api(app, api):
+    """The portal's session cookie rides along (same origin, API docs tried in a browser):
+    the API ignores it instead of failing."""
+    from portal.web.links import manage_link
+    from tests.conftest import path_of
+
+    customer = api.customer("signed-in@example.com")
+    with app.test_request_context():
+        link = path_of(manage_link(customer))
+    assert api.client.get(link).status_code == 302
+    assert api.client.get_cookie("carnet_session") is not None
+    r = api.post("/decisions", {"customer": {"id": customer.public_id}, "topic": "offers",
+                                "channel": "email"})
+    assert r.status_code == 200, r.get_json()

@@ -1,6 +1,6 @@
 """A real local HTTP server receiving webhooks: it verifies signatures, records what it got
-in arrival order, and can be told to fail, redirect or go down (and come back on the same
-port)."""
+in arrival order, and can be told to fail, redirect, stall or go down (and come back on the
+same port)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ class WebhookReceiver:
         self.rejected: list[str] = []
         self.attempts = 0
         self.failures: list[int] = []  # statuses to answer next, one per request
+        self.stalls = 0  # requests to hold (after recording them) until release()
+        self.stalled = threading.Event()  # set while a request is being held
+        self._release = threading.Event()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self.port = 0
@@ -44,6 +47,17 @@ class WebhookReceiver:
     def fail_next(self, count: int, status: int = 500) -> None:
         with self._lock:
             self.failures.extend([status] * count)
+
+    def stall_next(self, count: int = 1) -> None:
+        """Record the next ``count`` deliveries but hold the answer until :meth:`release`
+        (or 60 s): the sender sees a receiver that hangs, and times out or is killed."""
+        with self._lock:
+            self.stalls += count
+            self._release.clear()
+            self.stalled.clear()
+
+    def release(self) -> None:
+        self._release.set()
 
     def start(self) -> WebhookReceiver:
         receiver = self
@@ -69,6 +83,11 @@ class WebhookReceiver:
                 assert self.headers["Carnet-Event-Id"] == event["id"]
                 with receiver._lock:
                     receiver.received.append(event)
+                    stall = receiver.stalls > 0
+                    receiver.stalls -= stall
+                if stall:
+                    receiver.stalled.set()
+                    receiver._release.wait(60)
                 self.send_response(204)
                 self.end_headers()
 
@@ -82,6 +101,7 @@ class WebhookReceiver:
 
     def stop(self) -> None:
         """Down: nothing listens on the port any more (connection refused)."""
+        self._release.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
