@@ -28,7 +28,8 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=production,
         SESSION_COOKIE_NAME="carnet_session",
-        MAX_CONTENT_LENGTH=app.config.get("MAX_CONTENT_LENGTH", 2 * 1024 * 1024),
+        # Flask's own default is None (no limit), so the key is always there: test its value.
+        MAX_CONTENT_LENGTH=app.config.get("MAX_CONTENT_LENGTH") or 2 * 1024 * 1024,
         WTF_CSRF_TIME_LIMIT=None,
         BABEL_TRANSLATION_DIRECTORIES=str(ROOT / "translations"),
     )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -10,6 +11,8 @@ from collections import deque
 from typing import Any, Protocol
 
 from flask import Flask, current_app
+
+log = logging.getLogger("carnet.ratelimit")
 
 
 class Backend(Protocol):
@@ -38,12 +41,25 @@ class MemoryBackend:
 
 
 class RedisBackend:
+    """Shared limits. If Redis cannot be reached, counting falls back to this process's memory
+    (logged) rather than failing the request: a log in must not break because of a cache."""
+
     def __init__(self, url: str) -> None:
         import redis
 
-        self.client: Any = redis.Redis.from_url(url, socket_timeout=0.5)
+        self.client: Any = redis.Redis.from_url(url, socket_timeout=0.5,
+                                                socket_connect_timeout=0.5)
+        self.errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self.fallback = MemoryBackend()
 
     def hit(self, key: str, limit: int, window: float) -> float:
+        try:
+            return self._hit(key, limit, window)
+        except self.errors as exc:
+            log.warning("rate limits: Redis unavailable (%s); counting in memory", exc)
+            return self.fallback.hit(key, limit, window)
+
+    def _hit(self, key: str, limit: int, window: float) -> float:
         now = time.time()
         name = f"carnet:rl:{key}"
         pipe = self.client.pipeline()

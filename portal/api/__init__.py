@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from flask import Flask
+from flask import Flask, request
 
 from portal.api.core import Api, Operation
 
 api = Api("api")
+# A full batch (10,000 decisions) stays well inside this; the portal's forms keep the app-wide
+# MAX_CONTENT_LENGTH (2 MB). Anything larger is 413 before a byte of it is parsed.
+API_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+@api.bp.before_request
+def _body_limit() -> None:
+    request.max_content_length = API_MAX_BODY_BYTES
 
 
 def operations() -> list[Operation]:

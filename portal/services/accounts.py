@@ -120,6 +120,9 @@ def authenticate(session: Session, email: str, password: str) -> Customer | None
     except AccountError:
         email = ""
     customer = find_by_email(session, email) if email else None
+    if len(password) > MAX_PASSWORD:
+        # passlib raises on very long secrets; such a password was never accepted anyway.
+        customer, password = None, password[:MAX_PASSWORD]
     if customer is None or not customer.password_hash or customer.erased_at is not None:
         passwords.verify(password, _DUMMY_HASH)
         return None
@@ -132,8 +135,8 @@ def authenticate(session: Session, email: str, password: str) -> Customer | None
 
 
 def verify_password(customer: Customer, password: str) -> bool:
-    if not customer.password_hash:
-        return False
+    if not customer.password_hash or len(password) > MAX_PASSWORD:
+        return False  # longer than any password we accept (and passlib raises past 4 KiB)
     return bool(passwords.verify(password, customer.password_hash))
 
 

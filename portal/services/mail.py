@@ -16,10 +16,14 @@ log = logging.getLogger("carnet.mail")
 
 
 class Transport(Protocol):
+    local: bool  # True: delivering is a quick local write, not a network round trip
+
     def send(self, message: EmailMessage) -> None: ...
 
 
 class OutboxTransport:
+    local = True
+
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
@@ -35,6 +39,8 @@ class OutboxTransport:
 
 
 class SMTPTransport:
+    local = False
+
     def __init__(self, url: str, timeout: float = 15.0) -> None:
         parsed = urlparse(url)
         if parsed.scheme not in {"smtp", "smtps", "smtp+starttls"}:

@@ -15,7 +15,7 @@ from portal.models.customer import Customer
 from portal.services import changes
 from portal.services.accounts import AccountError, normalize_phone
 from portal.services.catalog import Catalog
-from portal.services.consent import Proof, current_states, record_consent
+from portal.services.consent import Proof, current_states, lock_customer, record_consent
 
 TIMEZONES = frozenset(available_timezones())
 
@@ -64,7 +64,13 @@ def apply_preferences(
     double_opt_in: bool,
 ) -> Applied:
     """Record an event for every switch that changed. Marketing email switched on becomes
-    *pending* under double opt-in; the caller emails the confirmation link."""
+    *pending* under double opt-in; the caller emails the confirmation link.
+
+    The customer row is locked before the current states are read: two saves at once would
+    otherwise both compare against the same old states, and the later one could find
+    "nothing changed" where the earlier one had just changed it, losing that person's choice.
+    """
+    lock_customer(session, customer.id)
     states = current_states(session, customer)
     applied = Applied()
 
@@ -100,6 +106,7 @@ def apply_preferences(
 def confirm_pending_email(session: Session, customer: Customer, catalog: Catalog,
                           topics: list[str], proof: Proof) -> list[str]:
     """Follow-up of the double opt-in link: pending email consents become granted."""
+    lock_customer(session, customer.id)
     states = current_states(session, customer)
     confirmed = []
     for topic in topics:
@@ -123,6 +130,8 @@ def update_contact_points(session: Session, customer: Customer, *, phone: str | 
     address = (postal_address or "").strip() or None
     if address is not None and len(address) > 500:
         raise AccountError("address_too_long", "postal_address")
+    if address is not None and "\x00" in address:  # PostgreSQL text cannot hold NUL
+        raise AccountError("invalid_character", "postal_address")
     if address != customer.postal_address:
         customer.postal_address = address
         changed.append("postal_address")

@@ -67,7 +67,10 @@ def _authorized_pass(pass_type: str, serial: str) -> ApplePass:
 
 
 def _json_object() -> dict[str, Any]:
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # "[[[[…" nested past the stack; silent only covers ValueError
+        abort(400)
     if not isinstance(body, dict):
         abort(400)
     return body

@@ -3,8 +3,20 @@ settings. Every answer about an address is the same whether or not it has an acc
 
 from __future__ import annotations
 
-from flask import Blueprint, flash, redirect, render_template, request, session, url_for
+from email.message import EmailMessage
+
+from flask import (
+    Blueprint,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from flask_babel import gettext as _
+from flask_wtf import FlaskForm
 from werkzeug.wrappers import Response
 
 from portal import mailer, ratelimit
@@ -17,6 +29,7 @@ from portal.auth import (
 )
 from portal.db import get_session
 from portal.i18n import LOCALES
+from portal.models.customer import Customer
 from portal.services import accounts
 from portal.services.accounts import AccountError
 from portal.services.tokens import TokenError, fingerprint
@@ -41,12 +54,13 @@ def _locale() -> str:
     return str(get_locale() or "en")
 
 
-def _throttled(name: str, key: str) -> str | None:
-    wait = ratelimit.hit(name, key)
-    if wait:
-        return _("Too many attempts. Try again in %(minutes)s minute(s).",
-                 minutes=max(1, -(-wait // 60)))
-    return None
+def _too_many(template: str, form: FlaskForm, wait: int) -> Response:
+    """429 with the form again, and ``Retry-After`` for clients that read it."""
+    flash(_("Too many attempts. Try again in %(minutes)s minute(s).",
+            minutes=max(1, -(-wait // 60))), "error")
+    response = make_response(render_template(template, form=form), 429)
+    response.headers["Retry-After"] = str(wait)
+    return response
 
 
 def _safe_next(target: str | None) -> str:
@@ -57,10 +71,9 @@ def _safe_next(target: str | None) -> str:
 def signup() -> str | Response:
     form = SignupForm()
     if form.validate_on_submit():
-        problem = _throttled("signup", request.remote_addr or "-")
-        if problem:
-            flash(problem, "error")
-            return render_template("account/signup.html", form=form), 429
+        wait = ratelimit.hit("signup", request.remote_addr or "-")
+        if wait:
+            return _too_many("account/signup.html", form, wait)
         try:
             with transaction(get_session()):
                 result = accounts.signup(get_session(), form.email.data or "",
@@ -112,10 +125,9 @@ def login() -> str | Response:
     form = LoginForm()
     if form.validate_on_submit():
         email = (form.email.data or "").strip().lower()
-        problem = _throttled("login", f"{email}|{request.remote_addr}")
-        if problem:
-            flash(problem, "error")
-            return render_template("account/login.html", form=form), 429
+        wait = ratelimit.hit("login", f"{email}|{request.remote_addr}")
+        if wait:
+            return _too_many("account/login.html", form, wait)
         with transaction(get_session()):
             customer = accounts.authenticate(get_session(), email, form.password.data or "")
         if customer is None:
@@ -134,27 +146,44 @@ def logout() -> Response:
     return redirect(url_for("main.index"))
 
 
+def _link_message(purpose: str, email: str, customer: Customer | None) -> EmailMessage:
+    """The email with a reset or sign-in link for ``customer``. Without one (the address has
+    no account), the same work on a placeholder, never sent: a miss then costs what a hit
+    costs, and the answer time tells nothing about whether the address has an account."""
+    locale: str | None
+    if customer is None:
+        public_id, locale, address = "cus_nobody", _locale(), "nobody@carnet.invalid"
+        state: object = fingerprint(None) if purpose == "reset-password" else 0
+    else:
+        public_id, locale, address = customer.public_id, customer.locale, email
+        state = (fingerprint(customer.password_hash) if purpose == "reset-password"
+                 else customer.auth_epoch)
+    if purpose == "reset-password":
+        link = links.external("account.reset", token=links.token(
+            "reset-password", {"c": public_id, "f": state}))
+        return mailer.render(address, "reset", locale, link=link)
+    link = links.external("account.magic", token=links.token("manage", {"c": public_id,
+                                                                      "e": state}))
+    return mailer.render(address, "manage_link", locale, link=link)
+
+
 def _send_link_page(form: EmailOnlyForm, template: str, purpose: str) -> str | Response:
     if form.validate_on_submit():
         email = (form.email.data or "").strip().lower()
-        problem = _throttled("link", email)
-        if problem:
-            flash(problem, "error")
-            return render_template(template, form=form), 429
+        wait = ratelimit.hit("link", email)
+        if wait:
+            return _too_many(template, form, wait)
         try:
             email = accounts.normalize_email(email)
         except AccountError:
             email = ""
         customer = accounts.find_by_email(get_session(), email) if email else None
-        if customer is not None and customer.erased_at is None:
-            if purpose == "reset-password":
-                link = links.external("account.reset", token=links.token(
-                    "reset-password",
-                    {"c": customer.public_id, "f": fingerprint(customer.password_hash)}))
-                mailer.send(email, "reset", customer.locale, link=link)
-            else:
-                mailer.send(email, "manage_link", customer.locale,
-                            link=links.manage_link(customer))
+        if customer is not None and customer.erased_at is not None:
+            customer = None
+        message = _link_message(purpose, email, customer)
+        if customer is not None:
+            # Over SMTP, after the answer: its round trip would tell the address has an account.
+            mailer.deliver(message, after_response=True)
         return render_template("account/check_email.html", message=_(
             "If %(email)s has an account, a message with a link is on its way. The link "
             "works for a limited time.", email=form.email.data))

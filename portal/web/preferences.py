@@ -161,9 +161,12 @@ def _parse_time(raw: str | None, field: str) -> time | None:
     if not raw:
         return None
     try:
-        return time.fromisoformat(raw)
+        parsed = time.fromisoformat(raw)
     except ValueError as exc:
         raise AccountError("invalid_time", field) from exc
+    if parsed.tzinfo is not None:  # quiet hours are in the person's own time zone
+        raise AccountError("invalid_time", field)
+    return parsed
 
 
 @bp.post("/preferences/pressure")
@@ -179,7 +182,9 @@ def pressure() -> str | Response | tuple[str, int]:
     try:
         for ch in PRESSURE_CHANNELS:
             cap_raw = (request.form.get(f"cap_{ch}") or "").strip()
-            if cap_raw and not cap_raw.isdigit():
+            # isdigit() alone lets "²" through (int() refuses it) and 5,000 digits (over
+            # int()'s limit): only up to three ASCII digits can be a cap of 1 to 100.
+            if cap_raw and not (cap_raw.isascii() and cap_raw.isdigit() and len(cap_raw) <= 3):
                 raise AccountError("invalid_cap", f"cap_{ch}")
             rules[ch] = prefs.PressureRule(
                 int(cap_raw) if cap_raw else None,

@@ -95,7 +95,7 @@ def _json_body() -> dict[str, Any] | Response:
         return _error(413, "too_large", f"send at most {MAX_BODY_BYTES} bytes")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: "[[[[…" nested past the stack
         return _error(400, "malformed_json", "the body is not valid JSON")
     if not isinstance(data, dict):
         return _error(422, "type", "the body must be a JSON object", "body")
