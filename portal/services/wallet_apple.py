@@ -454,3 +454,18 @@ def _start_following(session: Session) -> None:
         consumer=FEED_CONSUMER, cursor_txid=start.txid, cursor_id=start.id, updated_at=utcnow()
     ).on_conflict_do_nothing(index_elements=[WalletFeedCursor.consumer])
     session.execute(statement)
+
+
+def erase_devices(session: Session, customer: Customer) -> None:
+    """Erasure: forget which devices hold the person's card. Device library ids and push
+    tokens identify a phone; queued pushes go with their registrations (ON DELETE CASCADE)."""
+    passes = (
+        select(ApplePass.id)
+        .join(Member, Member.id == ApplePass.member_id)
+        .where(Member.customer_id == customer.id)
+    )
+    registrations = select(AppleDeviceRegistration.id).where(
+        AppleDeviceRegistration.pass_id.in_(passes))
+    session.execute(delete(ApplePush).where(ApplePush.registration_id.in_(registrations)))
+    session.execute(delete(AppleDeviceRegistration).where(
+        AppleDeviceRegistration.pass_id.in_(passes)))

@@ -302,3 +302,31 @@ def test_a_registration_that_changed_token_meanwhile_is_kept(session):
     sync.record_push_results(session, claimed, [result(PushOutcome.GONE, 410)], POLICY)
     [registration] = session.scalars(select(AppleDeviceRegistration)).all()
     assert registration.push_token == TOKEN_B
+
+
+def test_erasure_forgets_the_devices_holding_the_card(session, app):
+    from portal.services.catalog import get_catalog
+    from portal.services.privacy import erase_customer
+
+    kept = service.ensure_pass(session, new_member(session))
+    service.register_device(session, kept, DEVICE_B, TOKEN_B)
+    member = new_member(session)
+    card = service.ensure_pass(session, member)
+    service.register_device(session, card, DEVICE_A, TOKEN_A)
+    service.notify_pass_changed(session, member, "points")
+    assert sync.pending_pushes(session, card)
+    customer = session.get(Customer, member.customer_id)
+
+    service.erase_devices(session, customer)
+    assert service.registrations(session, card) == []
+    assert sync.pending_pushes(session, card) == []
+    # Someone else's phone is untouched.
+    assert [r.device_library_identifier for r in service.registrations(session, kept)] == [
+        DEVICE_B]
+    # Deleting the account (the app wires the eraser in) does the same.
+    other = new_member(session)
+    other_card = service.ensure_pass(session, other)
+    service.register_device(session, other_card, DEVICE_A, TOKEN_A)
+    erase_customer(session, session.get(Customer, other.customer_id),
+                   Proof("portal", "test"), get_catalog(session))
+    assert service.registrations(session, other_card) == []
