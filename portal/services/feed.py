@@ -97,7 +97,7 @@ def as_json(session: Session, rows: list[Change]) -> list[dict[str, Any]]:
     ids = {r.customer_id for r in rows if r.customer_id}
     public = dict(session.execute(select(Customer.id, Customer.public_id)
                                   .where(Customer.id.in_(ids))).all()) if ids else {}
-    return [event_json(r, public.get(r.customer_id)) for r in rows]
+    return [event_json(r, public.get(r.customer_id) if r.customer_id else None) for r in rows]
 
 
 def event_json(row: Change, customer: str | None) -> dict[str, Any]:

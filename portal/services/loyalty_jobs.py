@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, func, insert, literal, select, update
+from sqlalchemy import Table, and_, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from portal.db import UTCDateTime, utcnow
@@ -91,7 +91,7 @@ def _expire_batch(session: Session, ids: Sequence[int], now: datetime) -> Expiry
     """Lots never travel to Python: the expire entries, their allocations, the closed lots
     and the new balances are each one INSERT ... SELECT or UPDATE over the batch."""
     members = {row.id: row for row in _locked_members(session, ids)}
-    lots, entries, member_table = Lot.__table__, LedgerEntry.__table__, Member.__table__
+    lots, entries, member_table = (cast(Table, m.__table__) for m in (Lot, LedgerEntry, Member))
     due = and_(lots.c.member_id.in_(ids), lots.c.remaining > 0, lots.c.expires_at <= now)
     stamp = literal(now, UTCDateTime())
     created = session.execute(
@@ -104,7 +104,7 @@ def _expire_batch(session: Session, ids: Sequence[int], now: datetime) -> Expiry
     if not created:
         return ExpiryReport()
     entry_ids = [row.id for row in created]
-    allocated = session.execute(insert(LotAllocation.__table__).from_select(
+    allocated = session.execute(insert(cast(Table, LotAllocation.__table__)).from_select(
         ["lot_id", "entry_id", "points"],
         select(lots.c.entry_id, entries.c.id, lots.c.remaining)
         .join(entries, and_(entries.c.member_id == lots.c.member_id,

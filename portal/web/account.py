@@ -68,7 +68,7 @@ def _safe_next(target: str | None) -> str:
 
 
 @bp.route("/signup", methods=["GET", "POST"])
-def signup() -> str | Response:
+def signup() -> str | Response | tuple[str, int]:
     form = SignupForm()
     if form.validate_on_submit():
         wait = ratelimit.hit("signup", request.remote_addr or "-")
@@ -99,7 +99,7 @@ def signup() -> str | Response:
 
 
 @bp.get("/verify/<token>")
-def verify(token: str) -> str | Response:
+def verify(token: str) -> str | Response | tuple[str, int]:
     try:
         data = links.read("verify-email", token)
     except TokenError as exc:
@@ -121,7 +121,7 @@ def verify(token: str) -> str | Response:
 
 
 @bp.route("/login", methods=["GET", "POST"])
-def login() -> str | Response:
+def login() -> str | Response | tuple[str, int]:
     form = LoginForm()
     if form.validate_on_submit():
         email = (form.email.data or "").strip().lower()
@@ -167,7 +167,9 @@ def _link_message(purpose: str, email: str, customer: Customer | None) -> EmailM
     return mailer.render(address, "manage_link", locale, link=link)
 
 
-def _send_link_page(form: EmailOnlyForm, template: str, purpose: str) -> str | Response:
+def _send_link_page(
+    form: EmailOnlyForm, template: str, purpose: str
+) -> str | Response | tuple[str, int]:
     if form.validate_on_submit():
         email = (form.email.data or "").strip().lower()
         wait = ratelimit.hit("link", email)
@@ -191,17 +193,17 @@ def _send_link_page(form: EmailOnlyForm, template: str, purpose: str) -> str | R
 
 
 @bp.route("/forgot", methods=["GET", "POST"])
-def forgot() -> str | Response:
+def forgot() -> str | Response | tuple[str, int]:
     return _send_link_page(EmailOnlyForm(), "account/forgot.html", "reset-password")
 
 
 @bp.route("/link", methods=["GET", "POST"])
-def request_link() -> str | Response:
+def request_link() -> str | Response | tuple[str, int]:
     return _send_link_page(EmailOnlyForm(), "account/request_link.html", "manage")
 
 
 @bp.route("/reset/<token>", methods=["GET", "POST"])
-def reset(token: str) -> str | Response:
+def reset(token: str) -> str | Response | tuple[str, int]:
     try:
         data = links.read("reset-password", token)
     except TokenError as exc:
@@ -225,7 +227,7 @@ def reset(token: str) -> str | Response:
 
 
 @bp.get("/m/<token>")
-def magic(token: str) -> str | Response:
+def magic(token: str) -> str | Response | tuple[str, int]:
     try:
         data = links.read("manage", token)
     except TokenError as exc:
