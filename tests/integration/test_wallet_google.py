@@ -4,50 +4,29 @@ a worker that dies between claiming a card and sending its update."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import Result
 from flask import Flask
 from sqlalchemy import select
-from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from passes.google import build_loyalty_class
-from passes.google_dev import create_dev_service_account
-from portal import create_app, worker
+from portal import worker
 from portal.db import new_session, utcnow
 from portal.models.google_wallet import GoogleNotification, GoogleWalletObject
 from portal.models.loyalty import Member
 from portal.services import wallet_google
 from portal.services.loyalty import leave
-from portal.wallet_sync import close_google_client, google_client
-from tests.conftest import app_config
+from portal.wallet_sync import google_client
 from tests.support.fake_google import FakeGoogle
-from tests.support.wallet_google import PROGRAM, earn, new_member
+from tests.support.wallet_google import PROGRAM, earn, google_app, google_fake, new_member  # noqa: F401  (fixtures)
 
 CLASS_ID = "3388000000000000000.carnet-rewards"
 
 
-@pytest.fixture
-def google() -> Iterator[FakeGoogle]:
-    with FakeGoogle() as fake:
-        yield fake
-
-
-@pytest.fixture
-def app(connection: Connection, tmp_path: Path, google: FakeGoogle) -> Iterator[Flask]:
-    key = create_dev_service_account(tmp_path / "google" / "sa.json", token_uri=google.token_uri)
-    google.trust_service_account(key)
-    app = create_app(app_config(tmp_path, CARNET_DB_BIND=connection,
-                                GOOGLE_SERVICE_ACCOUNT_FILE=str(key),
-                                GOOGLE_WALLET_API_URL=google.base_url,
-                                BASE_URL="https://carnet.example"))
-    yield app
-    close_google_client(app)
 
 
 class Cards:

@@ -4,19 +4,15 @@ cards, and the per-platform report."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
 from sqlalchemy import select
-from sqlalchemy.engine import Connection
 
 from passes.google import build_loyalty_class
-from passes.google_dev import create_dev_service_account
-from portal import create_app, worker
+from portal import worker
 from portal.db import new_session, utcnow
 from portal.models.consent import Dispatch
 from portal.models.customer import Customer
@@ -27,11 +23,10 @@ from portal.models.wallet_message import WalletMessageRecipient
 from portal.services import wallet_apple, wallet_google
 from portal.services.catalog import get_catalog
 from portal.services.wallet_messages import deliver_due
-from portal.wallet_sync import close_google_client, google_client
-from tests.conftest import app_config
+from portal.wallet_sync import google_client
 from tests.support.api_client import Api, field_errors, make_key
 from tests.support.fake_google import FakeGoogle
-from tests.support.wallet_google import PROGRAM, new_member
+from tests.support.wallet_google import PROGRAM, google_app, google_fake, new_member  # noqa: F401  (fixtures)
 
 JOB = "wallet.messages"
 MESSAGE = {"topic": "loyalty", "audience": "all", "header": "Double points",
@@ -40,22 +35,6 @@ MESSAGE = {"topic": "loyalty", "audience": "all", "header": "Double points",
                                 "body": "Points doublés sur tout ce week-end."}}}
 
 
-@pytest.fixture
-def google() -> Iterator[FakeGoogle]:
-    with FakeGoogle() as fake:
-        yield fake
-
-
-@pytest.fixture
-def app(connection: Connection, tmp_path: Path, google: FakeGoogle) -> Iterator[Flask]:
-    key = create_dev_service_account(tmp_path / "google" / "sa.json", token_uri=google.token_uri)
-    google.trust_service_account(key)
-    app = create_app(app_config(tmp_path, CARNET_DB_BIND=connection,
-                                GOOGLE_SERVICE_ACCOUNT_FILE=str(key),
-                                GOOGLE_WALLET_API_URL=google.base_url,
-                                BASE_URL="https://carnet.example"))
-    yield app
-    close_google_client(app)
 
 
 @pytest.fixture

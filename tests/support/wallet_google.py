@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives import serialization
+from flask import Flask
 from google.auth import crypt
 from google.auth import jwt as google_jwt
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from passes.google import SAVE_URL_PREFIX
+from passes.google_dev import create_dev_service_account
+from portal import create_app
 from portal.models.loyalty import Member
 from portal.services import loyalty as ledger
 from portal.services.accounts import create_customer
 from portal.services.consent import Proof
 from portal.services.loyalty_program import load_program
 from portal.services.wallet_google import GoogleSettings
-from tests.conftest import CATALOG
+from portal.wallet_sync import close_google_client
+from tests.conftest import CATALOG, app_config
+from tests.support.fake_google import FakeGoogle
 
 PROGRAM = load_program(CATALOG)
 assert PROGRAM is not None
@@ -72,3 +80,25 @@ def decode_save_link(url: str, key_file: Path) -> tuple[dict[str, Any], dict[str
     signer = crypt.RSASigner.from_service_account_info(info)
     assert header["alg"] == "RS256" and header["kid"] == signer.key_id
     return header, claims
+
+
+@pytest.fixture(name="google")
+def google_fake() -> Iterator[FakeGoogle]:
+    """A real local HTTP server standing in for Google's token endpoint and REST API."""
+    with FakeGoogle() as fake:
+        yield fake
+
+
+@pytest.fixture(name="app")
+def google_app(connection: Connection, tmp_path: Path, google: FakeGoogle
+               ) -> Iterator[Flask]:
+    """The app with a development service account that the stand-in Google trusts."""
+    key = create_dev_service_account(tmp_path / "google" / "sa.json",
+                                     token_uri=google.token_uri)
+    google.trust_service_account(key)
+    app = create_app(app_config(tmp_path, CARNET_DB_BIND=connection,
+                                GOOGLE_SERVICE_ACCOUNT_FILE=str(key),
+                                GOOGLE_WALLET_API_URL=google.base_url,
+                                BASE_URL="https://carnet.example"))
+    yield app
+    close_google_client(app)
