@@ -485,8 +485,9 @@ def _lower_next_expiry(member: Member, expires_at: datetime | None) -> None:
         member.next_expiry_at = expires_at
 
 
-def _take(session: Session, lots: Sequence[Lot], amount: int, entry: LedgerEntry) -> int:
-    """Consume up to ``amount`` points from ``lots`` in order; return what could not be."""
+def _take(session: Session, lots: Sequence[Lot], amount: int, entry_id: int) -> int:
+    """Consume up to ``amount`` points from ``lots`` in order for the debit ``entry_id``;
+    return what could not be."""
     for lot in lots:
         if amount <= 0:
             break
@@ -495,7 +496,7 @@ def _take(session: Session, lots: Sequence[Lot], amount: int, entry: LedgerEntry
             continue
         lot.remaining -= taken
         amount -= taken
-        session.add(LotAllocation(lot_id=lot.entry_id, entry_id=entry.id, points=taken))
+        session.add(LotAllocation(lot_id=lot.entry_id, entry_id=entry_id, points=taken))
     return amount
 
 
@@ -519,16 +520,7 @@ def _settle_debt(session: Session, member: Member, debt: int) -> None:
         if debt <= 0:
             break
         amount = min(owed, debt)
-        for lot in lots:
-            if amount <= 0:
-                break
-            taken = min(lot.remaining, amount)
-            if taken <= 0:
-                continue
-            lot.remaining -= taken
-            amount -= taken
-            debt -= taken
-            session.add(LotAllocation(lot_id=lot.entry_id, entry_id=entry_id, points=taken))
+        debt -= amount - _take(session, lots, amount, entry_id)
 
 
 def _expire_due(session: Session, program: LoyaltyProgram, member: Member, *, actor: str,
@@ -618,8 +610,9 @@ def _post(session: Session, program: LoyaltyProgram, member: Member, kind: str, 
         owed = -points
         if reverses is not None:
             own = session.get(Lot, reverses.id)
-            owed = _take(session, [own] if own is not None else [], owed, entry)
-        _take(session, lots if lots is not None else _open_lots(session, member), owed, entry)
+            owed = _take(session, [own] if own is not None else [], owed, entry.id)
+        _take(session, lots if lots is not None else _open_lots(session, member), owed,
+              entry.id)
     if before < 0 and points > 0:
         _settle_debt(session, member, min(-before, points))
     member.balance = before + points
