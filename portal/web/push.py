@@ -119,6 +119,15 @@ def _throttle(name: str) -> Response | None:
     return None
 
 
+def _accept_json(limit: str, *, csrf_header: bool) -> dict[str, Any] | Response:
+    """The common door of the panel's JSON endpoints: the CSRF header (when the caller is a
+    page), the rate limit, then the JSON object; an error answer if any of them fails."""
+    refused = (_check_csrf() if csrf_header else None) or _throttle(limit)
+    if refused is not None:
+        return refused
+    return _json_body()
+
+
 def _device_hash() -> str | None:
     token = request.cookies.get(DEVICE_COOKIE)
     return push_service.sha256(token) if token and len(token) <= 100 else None
@@ -194,10 +203,7 @@ def state() -> Response | dict[str, Any]:
 @csrf.exempt  # checked below, to answer JSON instead of the HTML error page
 def subscribe() -> Response:
     """Save this browser's subscription; with ``topics``, also set what it receives."""
-    refused = _check_csrf() or _throttle("push_subscribe")
-    if refused is not None:
-        return refused
-    data = _json_body()
+    data = _accept_json("push_subscribe", csrf_header=True)
     if isinstance(data, Response):
         return data
     unknown = sorted(set(data) - {"subscription", "topics"})
@@ -250,10 +256,7 @@ def subscribe() -> Response:
 def unsubscribe() -> Response:
     """Stop notifications in this browser. Knowing the endpoint is enough: leaving is always
     allowed, and the consent choices stay as they are."""
-    refused = _check_csrf() or _throttle("push_subscribe")
-    if refused is not None:
-        return refused
-    data = _json_body()
+    data = _accept_json("push_subscribe", csrf_header=True)
     if isinstance(data, Response):
         return data
     endpoint = data.get("endpoint")
@@ -274,10 +277,7 @@ def unsubscribe() -> Response:
 def renew() -> Response:
     """``pushsubscriptionchange``: the browser replaced the subscription. The row keeps its
     owner and choices and takes the new endpoint and keys."""
-    refused = _throttle("push_subscribe")
-    if refused is not None:
-        return refused
-    data = _json_body()
+    data = _accept_json("push_subscribe", csrf_header=False)
     if isinstance(data, Response):
         return data
     old = data.get("old_endpoint")
@@ -300,10 +300,7 @@ def renew() -> Response:
 @bp.post("/push/beacons")
 @csrf.exempt  # sent by the service worker, without cookies; validated and rate-limited
 def beacon() -> Response:
-    refused = _throttle("push_beacon")
-    if refused is not None:
-        return refused
-    data = _json_body()
+    data = _accept_json("push_beacon", csrf_header=False)
     if isinstance(data, Response):
         return data
     message, endpoint_hash, kind = (data.get("message"), data.get("subscription"),
