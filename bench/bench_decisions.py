@@ -151,6 +151,15 @@ def seed(url: str, n: int, postgresql: bool) -> str:
     return key
 
 
+def new_key(url: str) -> str:
+    engine = make_engine(url)
+    with Session(engine) as session, session.begin():
+        name = f"bench-{int(time.time() * 1000)}"
+        key = api_keys.create_key(session, name, list(api_keys.SCOPES)).secret
+    engine.dispose()
+    return key
+
+
 def start_server(url: str, port: int, workdir: Path) -> subprocess.Popen:
     env = dict(os.environ, CARNET_DATABASE_URL=url, CARNET_SECRET_KEY="bench-" + "x" * 40,
                CARNET_BENCH_BARE="1", CARNET_API_RATE_LIMIT="100000000/60",
@@ -244,13 +253,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=16, help="client threads")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument("--reuse", action="store_true", help="PostgreSQL: reuse carnet_bench "
+                        "as a --keep run left it (same --customers) instead of seeding again")
     args = parser.parse_args()
     n = args.customers or (1_000_000 if args.postgresql else 100_000)
     workdir = Path(tempfile.mkdtemp(prefix="carnet-bench-"))
-    url = setup_database(args, workdir)
+    if args.reuse and args.postgresql:
+        args.keep = True
+        url = PG_BENCH
+    else:
+        url = setup_database(args, workdir)
     server = None
     try:
-        key = seed(url, n, args.postgresql)
+        key = new_key(url) if args.reuse and args.postgresql else seed(url, n, args.postgresql)
         server = start_server(url, args.port, workdir)
         base = f"http://127.0.0.1:{args.port}"
 

@@ -6,12 +6,15 @@ views call :func:`get_session`, services receive the Session as an argument.
 
 from __future__ import annotations
 
+import select
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, current_app, g
 from sqlalchemy import BigInteger, DateTime, Engine, Integer, MetaData, create_engine, event
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
 from sqlalchemy.orm.session import SessionTransactionOrigin
 from sqlalchemy.pool import StaticPool
@@ -62,10 +65,58 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    if engine.dialect.name == "postgresql" and not kwargs.get("pool_pre_ping"):
+        _check_connections_on_checkout(engine)
+    return engine
+
+
+# A connection idle for longer than this is pinged over the wire before it is handed out.
+PING_AFTER_IDLE_SECONDS = 30.0
+
+
+def _check_connections_on_checkout(engine: Engine) -> None:
+    """Hand out only live connections, without a round trip on the busy path.
+
+    ``pool_pre_ping`` sends a query on every checkout: a sixth of a single decision's round
+    trips. A server that ends a connection (restart, ``pg_terminate_backend``, a proxy or
+    load balancer closing it) sends an error or closes the socket, so a dead idle connection
+    has something to read; a live idle one never does. That check costs a ``poll()``. Only a
+    connection idle for :data:`PING_AFTER_IDLE_SECONDS` (where a firewall may have dropped it
+    silently) is pinged for real. A connection found dead is discarded and the pool tries
+    another (``DisconnectionError``), so the request never sees it."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None:  # just connected
+            return
+        if not _looks_alive(dbapi_connection):
+            raise DisconnectionError("the server closed the connection")
+        if time.monotonic() - idle_since > PING_AFTER_IDLE_SECONDS:
+            try:
+                engine.dialect.do_ping(dbapi_connection)
+            except Exception as exc:  # any failure means: not usable, take another
+                raise DisconnectionError("ping failed") from exc
+
+
+def _looks_alive(dbapi_connection: Any) -> bool:
+    if getattr(dbapi_connection, "closed", False) or getattr(dbapi_connection, "broken", False):
+        return False
+    try:
+        fd = dbapi_connection.fileno()
+    except Exception:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    # Anything to read on an idle connection is the server's goodbye (or EOF).
+    return not poller.poll(0)
 
 
 class RequestSession(Session):
@@ -129,6 +180,18 @@ def new_session(app: Flask) -> Session:
     """A Session outside any request (CLI commands, the worker)."""
     session: Session = app.extensions["carnet.db"]["sessionmaker"]()
     return session
+
+
+def read_outside_transactions(session: Session) -> None:
+    """On PostgreSQL, run this Session's next statements in autocommit: a request that only
+    reads (a decision) then sends no BEGIN and no COMMIT, two of its round trips. Each
+    statement still reads one consistent snapshot, as under READ COMMITTED. Sessions bound to
+    a test's connection, SQLite and a Session already in a transaction are left as they are;
+    the pool restores the isolation level when the connection comes back."""
+    bind = session.get_bind()
+    if (isinstance(bind, Engine) and bind.dialect.name == "postgresql"
+            and not session.in_transaction()):
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
 
 
 def begin_write(session: Session) -> SessionTransaction:

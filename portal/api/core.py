@@ -20,7 +20,7 @@ from sqlalchemy.exc import OperationalError
 
 from portal import ratelimit
 from portal.api.schema import FieldError, Invalid, Obj
-from portal.db import get_session
+from portal.db import get_session, read_outside_transactions
 from portal.errors import problem
 from portal.services import api_keys
 
@@ -44,6 +44,8 @@ class Operation:
     # Request headers the view reads itself (published, not validated here: the view answers
     # its own problem types, e.g. Idempotency-Key).
     headers: Obj | None = None
+    # Only reads: the request runs outside a transaction on PostgreSQL (no BEGIN/COMMIT).
+    read_only: bool = False
 
     @property
     def path(self) -> str:
@@ -162,13 +164,13 @@ class Api:
            scopes: tuple[str, ...] = (), body: Obj | None = None, query: Obj | None = None,
            responses: dict[int, tuple[str, dict[str, Any] | None]] | None = None,
            description: str = "", media: dict[str, str] | None = None,
-           headers: Obj | None = None
+           headers: Obj | None = None, read_only: bool = False
            ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
             operation = Operation(method, self.prefix + rule, f"{self.bp.name}.{view.__name__}",
                                   summary, tag, scopes, body, query, responses or {},
                                   description or (view.__doc__ or "").strip(), media or {},
-                                  headers)
+                                  headers, read_only)
             OPERATIONS.append(operation)
 
             @wraps(view)
@@ -180,6 +182,8 @@ class Api:
                 return response
 
             def answer(**path: Any) -> Any:
+                if read_only:
+                    read_outside_transactions(get_session())
                 with timed("auth"):
                     denied = _authenticate(scopes) if scopes else None
                 if denied is not None:

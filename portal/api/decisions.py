@@ -31,7 +31,7 @@ NDJSON = "application/x-ndjson"
 
 
 @api.op("POST", "/decisions", summary="May we send this topic to this person on this "
-        "channel now?", tag="Decisions", scopes=("decisions:read",), body=DecisionRequest,
+        "channel now?", tag="Decisions", scopes=("decisions:read",), body=DecisionRequest, read_only=True,
         responses={200: ("The decision, with its evidence.", DECISION_SCHEMA)})
 def decision(body: dict[str, Any]) -> Any:
     """Answers send, deny or defer with a stable reason code and the consent event that
@@ -47,7 +47,7 @@ def decision(body: dict[str, Any]) -> Any:
 
 
 @api.op("POST", "/decisions/batch", summary="Up to 10,000 decisions in one call",
-        tag="Decisions", scopes=("decisions:read",), body=BatchRequest,
+        tag="Decisions", scopes=("decisions:read",), body=BatchRequest, read_only=True,
         responses={200: ("Results in the order of the items.", obj(
             results={"type": "array", "items": DECISION_SCHEMA}))})
 def batch(body: dict[str, Any]) -> Any:

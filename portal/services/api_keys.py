@@ -17,6 +17,7 @@ from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from portal.db import utcnow
+from portal.fast_rows import fetch_rows
 from portal.models.api import ApiKey
 
 SCOPES: tuple[str, ...] = (
@@ -82,8 +83,8 @@ def authenticate(session: Session, raw: str) -> Caller | None:
     revocation counter would."""
     if not raw.startswith(KEY_PREFIX) or len(raw) > 200:
         return None
-    row = session.connection().execute(_BY_HASH, {"hash": digest(raw)}).first()
-    return None if row is None else Caller(*row)
+    rows = fetch_rows(session, _BY_HASH, {"hash": digest(raw)})
+    return Caller(*rows[0]) if rows else None
 
 
 def needs_touch(key: ApiKey | Caller, now: datetime | None = None) -> bool:

@@ -23,7 +23,8 @@ from portal.services import changes
 from portal.services.accounts import AccountError, create_customer, normalize_email, normalize_phone
 from portal.services.catalog import Catalog
 from portal.services.consent import ConsentError, Proof, record_consent
-from portal.services.decisions import PERSON_COLUMNS, Person, among, in_values
+from portal.fast_rows import fetch_rows
+from portal.services.decisions import PERSON_COLUMNS, Person, PersonRow, among, in_values
 
 KINDS = ("id", "email", "phone", "member_number", "external_id")
 # withdrawn beats pending beats granted: on merge, the most restrictive choice survives.
@@ -96,12 +97,16 @@ def _find(session: Session, refs: Sequence[dict[str, Any]], columns: tuple[Any, 
 
     found: dict[tuple[str, Any], Any] = {}
     session.flush()  # plain-row reads below do not autoflush pending ORM changes
-    conn = session.connection()
+    dialect = session.get_bind().dialect.name
+    width = len(columns)
     for kind in LOOKUP_COLUMNS:
         if wanted[kind]:
-            query = _lookup(conn.dialect.name, kind, columns)
-            for row in conn.execute(query, {"values": list(wanted[kind])}).all():
-                found[(kind, row.looked_up)] = row
+            values = wanted[kind]
+            one = len(values) == 1
+            query = _lookup(dialect, kind, columns, one)
+            for row in fetch_rows(session, query, {
+                    "values": next(iter(values)) if one else list(values)}):
+                found[(kind, row[width])] = row[:width]
     ids: dict[tuple[str, Any], int] = {}
     if wanted["external_id"]:
         for cid, ns, value in session.execute(
@@ -123,11 +128,11 @@ LOOKUP_COLUMNS = {"id": Customer.public_id, "email": Customer.email, "phone": Cu
 
 
 @cache
-def _lookup(dialect: str, kind: str, columns: tuple[Any, ...]) -> Select[Any]:
-    """Built once per dialect: the lookup of every decision request."""
+def _lookup(dialect: str, kind: str, columns: tuple[Any, ...], one: bool) -> Select[Any]:
+    """Built once per dialect: the lookup of every decision request (``one``: of one value)."""
     column = LOOKUP_COLUMNS[kind]
     return select(*columns, column.label("looked_up")).where(
-        in_values(dialect, column, "values"))
+        in_values(dialect, column, "values", one=one))
 
 
 def resolve_many(session: Session, refs: Sequence[dict[str, Any]]) -> list[Customer | None]:
@@ -144,13 +149,14 @@ def resolve_people(session: Session, refs: Sequence[dict[str, Any]]) -> list[Per
     (:data:`~portal.services.decisions.PERSON_COLUMNS`) instead of Customer objects, in the
     lookup query itself, so 10,000 identifiers cost one query and no ORM objects."""
     keys, found = _find(session, refs, PERSON_COLUMNS)
-    merged = {row.merged_into_id for row in found.values() if row.merged_into_id}
+    people = {key: PersonRow._make(row) for key, row in found.items()}
+    merged = {row.merged_into_id for row in people.values() if row.merged_into_id}
     if merged:
-        survivors = {row.id: row for row in session.execute(
+        survivors = {row.id: PersonRow._make(row) for row in session.execute(
             select(*PERSON_COLUMNS).where(among(session, Customer.id, merged)))}
-        found = {key: survivors.get(row.merged_into_id, row) if row.merged_into_id else row
-                 for key, row in found.items()}
-    return [found.get(key) if key else None for key in keys]  # type: ignore[misc]
+        people = {key: survivors.get(row.merged_into_id, row) if row.merged_into_id else row
+                  for key, row in people.items()}
+    return [people.get(key) if key else None for key in keys]
 
 
 def _load_following_merges(session: Session, ids: set[int]) -> dict[int, Customer]:

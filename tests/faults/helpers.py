@@ -207,12 +207,13 @@ class TcpProxy:
 
 
 def terminate_backends(admin_url: str, application_name: str) -> int:
-    """``pg_terminate_backend`` for the connections this test's app opened, and no others."""
+    """``pg_terminate_backend`` for the connections this test's app opened, and no others,
+    waiting (up to 5 s each) until they are gone, as after a server restart."""
     admin = make_engine(admin_url)
     try:
         with admin.begin() as conn:
             return len(conn.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
                 "WHERE application_name = :name AND pid <> pg_backend_pid()"),
                 {"name": application_name}).all())
     finally:

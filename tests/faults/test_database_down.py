@@ -155,7 +155,7 @@ def test_postgresql_connections_terminated_are_replaced(pg_url, app_name, tmp_pa
             browser = browser_with(cookie)
             assert_serving(server, browser, key)
             assert terminate_backends(PG_URL, app_name) >= 1
-            assert_serving(server, browser, key)  # pool pre-ping reconnects; no 5xx at all
+            assert_serving(server, browser, key)  # dead connections are never handed out; no 5xx
     finally:
         dispose(app)
 

@@ -1,0 +1,95 @@
+"""Plain rows from a Core select, on the driver's cursor: the hot path of decisions.
+
+A decision runs three small selects. Through ``Connection.execute`` each cost about 110 µs of
+CPU more than the same statement on the driver's cursor (measured with
+``bench/bench_decisions.py``'s data): the execution context, the result object, and psycopg
+building a column description that only the result object reads. :func:`fetch_rows` keeps
+what matters of that path and drops the rest:
+
+* the statement is still a SQLAlchemy Core select, compiled once per dialect, with the same
+  bind and result type processing (``UTCDateTime``, JSON parameters on SQLite);
+* on PostgreSQL it is a server-side prepared statement (planned once per connection);
+* ``before_cursor_execute`` listeners still see every statement (the tests count them and
+  inject faults there);
+* driver errors go through SQLAlchemy's own handling: wrapped in ``sqlalchemy.exc`` types,
+  and a lost connection invalidates the pool, exactly as for any other statement.
+
+It returns tuples in column order and nothing else: no ORM objects, no autoflush.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import Session
+from sqlalchemy.sql import Executable
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    sql: str
+    defaults: dict[str, Any]
+    positional: tuple[str, ...] | None  # parameter order for qmark drivers (SQLite)
+    bind_processors: dict[str, Callable[[Any], Any]]
+    result_processors: tuple[Callable[[Any], Any] | None, ...]
+    prepare: bool
+
+
+_COMPILED: dict[tuple[int, str], tuple[Executable, _Compiled]] = {}
+
+
+def _compile(statement: Executable, dialect: Dialect) -> _Compiled:
+    key = (id(statement), dialect.name)
+    hit = _COMPILED.get(key)
+    if hit is not None and hit[0] is statement:
+        return hit[1]
+    compiled: Any = statement.compile(dialect=dialect)
+    defaults = {name: bind.effective_value for name, bind in compiled.binds.items()
+                if not bind.required}
+    processors = [type_._cached_result_processor(dialect, None)
+                  for _key, _name, _objects, type_ in compiled._result_columns]
+    entry = _Compiled(
+        sql=compiled.string,
+        defaults=defaults,
+        positional=tuple(compiled.positiontup) if compiled.positional else None,
+        bind_processors=dict(compiled._bind_processors),
+        result_processors=tuple(processors) if any(processors) else (),
+        prepare=dialect.name == "postgresql",
+    )
+    _COMPILED[key] = (statement, entry)  # the statement is kept: its id stays unique
+    return entry
+
+
+def fetch_rows(session: Session, statement: Executable, params: Mapping[str, Any] | None = None
+               ) -> list[tuple[Any, ...]]:
+    """Every row of ``statement`` (a module-level, reused Core select) as plain tuples."""
+    conn = session.connection()
+    entry = _compile(statement, conn.dialect)
+    values = dict(entry.defaults)
+    if params:
+        values.update(params)
+    for name, process in entry.bind_processors.items():
+        if name in values:
+            values[name] = process(values[name])
+    args: Any = values if entry.positional is None else [values[n] for n in entry.positional]
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        if conn._has_events or conn.engine._has_events:
+            conn.dispatch.before_cursor_execute(conn, cursor, entry.sql, args, None, False)
+        if entry.prepare:
+            cursor.execute(entry.sql, args, prepare=True)
+        else:
+            cursor.execute(entry.sql, args)
+        rows: list[tuple[Any, ...]] = cursor.fetchall()
+    except conn.dialect.loaded_dbapi.Error as exc:
+        conn._handle_dbapi_exception(exc, entry.sql, args, cursor, None)  # raises
+    finally:
+        cursor.close()
+    processors = entry.result_processors
+    if processors and rows:
+        rows = [tuple(value if p is None or value is None else p(value)
+                      for p, value in zip(processors, row, strict=True)) for row in rows]
+    return rows
