@@ -75,7 +75,7 @@ def fetch_rows(session: Session, statement: Executable, params: Mapping[str, Any
         if name in values:
             values[name] = process(values[name])
     args: Any = values if entry.positional is None else [values[n] for n in entry.positional]
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    cursor: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         if conn._has_events or conn.engine._has_events:
             conn.dispatch.before_cursor_execute(conn, cursor, entry.sql, args, None, False)

@@ -31,7 +31,8 @@ NDJSON = "application/x-ndjson"
 
 
 @api.op("POST", "/decisions", summary="May we send this topic to this person on this "
-        "channel now?", tag="Decisions", scopes=("decisions:read",), body=DecisionRequest, read_only=True,
+        "channel now?", tag="Decisions", scopes=("decisions:read",), body=DecisionRequest,
+        read_only=True,
         responses={200: ("The decision, with its evidence.", DECISION_SCHEMA)})
 def decision(body: dict[str, Any]) -> Any:
     """Answers send, deny or defer with a stable reason code and the consent event that

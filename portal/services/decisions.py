@@ -367,7 +367,8 @@ def _fact_queries(dialect: str, one: bool = False) -> dict[str, Any]:
         literal_column("'x'"), Suppression.customer_id, none(String), Suppression.channel,
         none(BigInteger), none(ConsentEvent.occurred_at.type), Suppression.reason,
         none(Integer), none(String), none(Integer), none(Time), none(Time),
-    ).where(in_values(dialect, Suppression.customer_id, "ids", one=one), Suppression.lifted_at.is_(None))
+    ).where(in_values(dialect, Suppression.customer_id, "ids", one=one),
+            Suppression.lifted_at.is_(None))
     rules = select(
         literal_column("'r'"), ContactRule.customer_id, none(String), ContactRule.channel,
         none(BigInteger), none(ConsentEvent.occurred_at.type), none(String), none(Integer),

@@ -17,13 +17,13 @@ from sqlalchemy import Select, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from portal.db import utcnow
+from portal.fast_rows import fetch_rows
 from portal.models.consent import ANY, ConsentState, ContactRule, Suppression
 from portal.models.customer import Customer, ExternalId
 from portal.services import changes
 from portal.services.accounts import AccountError, create_customer, normalize_email, normalize_phone
 from portal.services.catalog import Catalog
 from portal.services.consent import ConsentError, Proof, record_consent
-from portal.fast_rows import fetch_rows
 from portal.services.decisions import PERSON_COLUMNS, Person, PersonRow, among, in_values
 
 KINDS = ("id", "email", "phone", "member_number", "external_id")
@@ -156,7 +156,7 @@ def resolve_people(session: Session, refs: Sequence[dict[str, Any]]) -> list[Per
             select(*PERSON_COLUMNS).where(among(session, Customer.id, merged)))}
         people = {key: survivors.get(row.merged_into_id, row) if row.merged_into_id else row
                   for key, row in people.items()}
-    return [people.get(key) if key else None for key in keys]
+    return [people.get(key) if key else None for key in keys]  # type: ignore[misc]
 
 
 def _load_following_merges(session: Session, ids: set[int]) -> dict[int, Customer]:
