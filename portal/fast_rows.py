@@ -46,7 +46,7 @@ def _compile(statement: Executable, dialect: Dialect) -> _Compiled:
     hit = _COMPILED.get(key)
     if hit is not None and hit[0] is statement:
         return hit[1]
-    compiled: Any = statement.compile(dialect=dialect)
+    compiled: Any = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
     defaults = {name: bind.effective_value for name, bind in compiled.binds.items()
                 if not bind.required}
     processors = [type_._cached_result_processor(dialect, None)
