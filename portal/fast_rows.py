@@ -34,7 +34,7 @@ class _Compiled:
     defaults: dict[str, Any]
     positional: tuple[str, ...] | None  # parameter order for qmark drivers (SQLite)
     bind_processors: dict[str, Callable[[Any], Any]]
-    result_processors: tuple[Callable[[Any], Any] | None, ...]
+    result_processors: tuple[tuple[int, Callable[[Any], Any]], ...]  # (column, processor)
     prepare: bool
 
 
@@ -47,8 +47,8 @@ def _compile(statement: Executable, dialect: Dialect) -> _Compiled:
     if hit is not None and hit[0] is statement:
         return hit[1]
     compiled: Any = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
-    defaults = {name: bind.effective_value for name, bind in compiled.binds.items()
-                if not bind.required}
+    defaults = {compiled.bind_names[bind]: bind.effective_value
+                for bind in compiled.binds.values() if not bind.required}
     processors = [type_._cached_result_processor(dialect, None)
                   for _key, _name, _objects, type_ in compiled._result_columns]
     entry = _Compiled(
@@ -56,7 +56,7 @@ def _compile(statement: Executable, dialect: Dialect) -> _Compiled:
         defaults=defaults,
         positional=tuple(compiled.positiontup) if compiled.positional else None,
         bind_processors=dict(compiled._bind_processors),
-        result_processors=tuple(processors) if any(processors) else (),
+        result_processors=tuple((i, p) for i, p in enumerate(processors) if p is not None),
         prepare=dialect.name == "postgresql",
     )
     _COMPILED[key] = (statement, entry)  # the statement is kept: its id stays unique
@@ -88,8 +88,16 @@ def fetch_rows(session: Session, statement: Executable, params: Mapping[str, Any
         conn._handle_dbapi_exception(exc, entry.sql, args, cursor, None)  # raises
     finally:
         cursor.close()
-    processors = entry.result_processors
-    if processors and rows:
-        rows = [tuple(value if p is None or value is None else p(value)
-                      for p, value in zip(processors, row, strict=True)) for row in rows]
+    if entry.result_processors and rows:
+        rows = [_processed(row, entry.result_processors) for row in rows]
     return rows
+
+
+def _processed(row: tuple[Any, ...], processors: tuple[tuple[int, Callable[[Any], Any]], ...]
+               ) -> tuple[Any, ...]:
+    """The row with its typed columns converted (usually one or two of a dozen)."""
+    values = list(row)
+    for index, process in processors:
+        if values[index] is not None:
+            values[index] = process(values[index])
+    return tuple(values)
