@@ -219,6 +219,68 @@ def decide(
     return Decision("send", reason, evidence, None, facts.contact, tuple(trace))
 
 
+Shape = tuple[Any, ...]
+
+
+def shape_of(*, erased: bool, suppressed: bool, paused: bool, channel_off: bool,
+             choice: str | None, reachable: bool) -> Shape:
+    """Everything :func:`decide` reads of a person's facts except time, evidence and contact
+    values: whether they are erased or suppressed, whether marketing is paused or the channel
+    switched off (withdrawn), the state of their choice, and whether they have a contact
+    point. Two people of the same shape get the same verdict, reason and trace for the same
+    (topic, channel), unless contact pressure applies (then the time matters)."""
+    return (erased, suppressed, paused, channel_off, choice, reachable)
+
+
+def facts_shape(facts: Facts) -> Shape | None:
+    """The :func:`shape_of` these facts, or None when contact pressure makes time matter."""
+    p = facts.pressure
+    if p.max_per_week is not None or (p.quiet_start is not None and p.quiet_end is not None):
+        return None
+    return shape_of(erased=facts.erased, suppressed=bool(facts.suppressed),
+                    paused=facts.paused is not None, channel_off=facts.channel_off is not None,
+                    choice=None if facts.choice is None else facts.choice.state,
+                    reachable=facts.contact is not None)
+
+
+class Decider:
+    """:func:`decide` for many people at one instant, run once per shape of facts
+    (:func:`facts_shape`) and topic × channel, then reused: a batch or an export meets a few
+    dozen shapes in 10,000 or 1,000,000 people. Every verdict still comes from
+    :func:`decide`; only its evidence and contact are those of each person. Built per call,
+    so a catalog or rule change never meets a stale verdict."""
+
+    _SLOTS = ("choice", "channel_off", "paused")
+
+    def __init__(self, at: datetime, *, delivery: bool = True) -> None:
+        self.at, self.delivery = at, delivery
+        self._seen: dict[tuple[int, str, Shape], tuple[Decision, str | None, bool]] = {}
+
+    def known(self, topic: TopicInfo, channel: str, shape: Shape) -> Decision | None:
+        """The verdict already reached for this shape (evidence and contact left out), or
+        None: the caller then builds the facts and calls :meth:`decide`."""
+        hit = self._seen.get((id(topic), channel, shape))
+        return None if hit is None else hit[0]
+
+    def decide(self, topic: TopicInfo | None, channel: str, facts: Facts | None) -> Decision:
+        shape = None if facts is None or topic is None else facts_shape(facts)
+        if shape is None:
+            return decide(topic, channel, facts, self.at, delivery=self.delivery)
+        assert topic is not None and facts is not None
+        key = (id(topic), channel, shape)
+        hit = self._seen.get(key)
+        if hit is None:
+            decision = decide(topic, channel, facts, self.at, delivery=self.delivery)
+            slot = next((name for name in self._SLOTS if decision.evidence is not None
+                         and decision.evidence is getattr(facts, name)), None)
+            self._seen[key] = (decision, slot, decision.contact is not None)
+            return decision
+        template, slot, with_contact = hit
+        return Decision(template.decision, template.reason,
+                        getattr(facts, slot) if slot else None, None,
+                        facts.contact if with_contact else None, template.trace)
+
+
 def _zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
@@ -552,9 +614,9 @@ def decide_many(
     facts = _load_facts(session, customers, pairs, wanted, at,
                         default_timezone=default_timezone)
     get_topic, get_facts = catalog.get, facts.get
+    decider = Decider(at, delivery=delivery).decide
     return [
-        decide(get_topic(t), ch, get_facts((c.id, t, ch)) if c is not None else None, at,
-               delivery=delivery)
+        decider(get_topic(t), ch, get_facts((c.id, t, ch)) if c is not None else None)
         for c, t, ch in questions
     ]
 
