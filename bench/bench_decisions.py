@@ -311,9 +311,10 @@ def main() -> None:
             rows = 0
             with client.stream("GET", "/api/v1/audiences/newsletter/email",
                                headers={"Accept": "application/x-ndjson"}) as stream:
-                for line in stream.iter_lines():
-                    if line:
-                        rows += 1
+                # Counted by chunk, as the COPY side counts: splitting lines in Python on
+                # this end cost as much CPU as producing them on the other.
+                for data in stream.iter_raw():
+                    rows += data.count(b"\n")
             export_s = time.perf_counter() - started
             sampling[0] = False
             sampler.join()

@@ -19,7 +19,7 @@ It returns tuples in column order and nothing else: no ORM objects, no autoflush
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,9 +41,9 @@ class _Compiled:
 _COMPILED: dict[tuple[int, str], tuple[Executable, _Compiled]] = {}
 
 
-def _compile(statement: Executable, dialect: Dialect) -> _Compiled:
+def _compile(statement: Executable, dialect: Dialect, *, cached: bool = True) -> _Compiled:
     key = (id(statement), dialect.name)
-    hit = _COMPILED.get(key)
+    hit = _COMPILED.get(key) if cached else None
     if hit is not None and hit[0] is statement:
         return hit[1]
     compiled: Any = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
@@ -59,8 +59,19 @@ def _compile(statement: Executable, dialect: Dialect) -> _Compiled:
         result_processors=tuple((i, p) for i, p in enumerate(processors) if p is not None),
         prepare=dialect.name == "postgresql",
     )
-    _COMPILED[key] = (statement, entry)  # the statement is kept: its id stays unique
+    if cached:
+        _COMPILED[key] = (statement, entry)  # the statement is kept: its id stays unique
     return entry
+
+
+def _arguments(entry: _Compiled, params: Mapping[str, Any] | None) -> Any:
+    values = dict(entry.defaults)
+    if params:
+        values.update(params)
+    for name, process in entry.bind_processors.items():
+        if name in values:
+            values[name] = process(values[name])
+    return values if entry.positional is None else [values[n] for n in entry.positional]
 
 
 def fetch_rows(session: Session, statement: Executable, params: Mapping[str, Any] | None = None
@@ -68,13 +79,7 @@ def fetch_rows(session: Session, statement: Executable, params: Mapping[str, Any
     """Every row of ``statement`` (a module-level, reused Core select) as plain tuples."""
     conn = session.connection()
     entry = _compile(statement, conn.dialect)
-    values = dict(entry.defaults)
-    if params:
-        values.update(params)
-    for name, process in entry.bind_processors.items():
-        if name in values:
-            values[name] = process(values[name])
-    args: Any = values if entry.positional is None else [values[n] for n in entry.positional]
+    args = _arguments(entry, params)
     cursor: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         if conn._has_events or conn.engine._has_events:
@@ -93,9 +98,39 @@ def fetch_rows(session: Session, statement: Executable, params: Mapping[str, Any
     return rows
 
 
+def stream_rows(session: Session, statement: Executable, params: Mapping[str, Any] | None,
+                chunk: int) -> Iterator[list[tuple[Any, ...]]]:
+    """The rows of ``statement`` ``chunk`` at a time, in constant memory: through a
+    server-side cursor on PostgreSQL (inside the Session's transaction), stepping the
+    cursor on SQLite. Built for each call (an export's statement depends on its topic)."""
+    conn = session.connection()
+    entry = _compile(statement, conn.dialect, cached=False)
+    args = _arguments(entry, params)
+    raw: Any = conn.connection.dbapi_connection
+    postgresql = conn.dialect.name == "postgresql"
+    cursor: Any = raw.cursor(name="carnet_stream") if postgresql else raw.cursor()
+    try:
+        if conn._has_events or conn.engine._has_events:
+            conn.dispatch.before_cursor_execute(conn, cursor, entry.sql, args, None, False)
+        cursor.execute(entry.sql, args)
+        while True:
+            rows: list[tuple[Any, ...]] = cursor.fetchmany(chunk)
+            if not rows:
+                break
+            if entry.result_processors:
+                rows = [_processed(row, entry.result_processors) for row in rows]
+            yield rows
+    except conn.dialect.loaded_dbapi.Error as exc:
+        conn._handle_dbapi_exception(exc, entry.sql, args, cursor, None)  # raises
+    finally:
+        cursor.close()
+
+
 def _processed(row: tuple[Any, ...], processors: tuple[tuple[int, Callable[[Any], Any]], ...]
                ) -> tuple[Any, ...]:
     """The row with its typed columns converted (usually one or two of a dozen)."""
+    if all(row[index] is None for index, _ in processors):
+        return row
     values = list(row)
     for index, process in processors:
         if values[index] is not None:

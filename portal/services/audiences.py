@@ -10,26 +10,30 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Select, and_, select
 from sqlalchemy.orm import Session, aliased
 
-from portal.models.consent import ANY, ConsentEvent, ConsentState, ContactRule, Suppression
+from portal.fast_rows import stream_rows
+from portal.models.consent import ANY, ConsentState, ContactRule, Suppression
 from portal.models.customer import Customer
 from portal.services.catalog import Catalog, TopicInfo
 from portal.services.decisions import (
     PERSON_COLUMNS,
+    Decider,
     Decision,
     Evidence,
     Person,
+    PersonRow,
     Pressure,
     assemble_facts,
-    decide,
+    contact_for,
     recent_sends,
     requires_granted_choice,
     resolve_contacts,
+    shape_of,
 )
 
 CHUNK = 5000
@@ -69,68 +73,81 @@ def cursor_id(session: Session, cursor: str | None) -> int | None:
 
 def _with_facts(query: Select[Any], topic: TopicInfo, channel: str) -> Select[Any]:
     """The candidates with everything :func:`decide` reads about them for (topic, channel),
-    joined in the same query: the choice, the channel switch and the marketing pause with their
-    events, an active suppression and the contact rule. Each join meets at most one row (primary
-    keys; the suppression is a scalar subquery), so there is still one row per candidate, and
-    the export reads the facts as it streams instead of querying again for every chunk."""
-    joins = []
+    joined in the same query: the state of the choice, of the channel switch and of the
+    marketing pause, an active suppression and the contact rule. Each join meets at most one
+    row (primary keys; the suppression is a scalar subquery), so there is still one row per
+    candidate, and the export reads the facts as it streams instead of querying again for
+    every chunk. An export answers who may receive, not why: the events behind the states
+    (the evidence of a single decision) are not joined."""
+    states = []
     for name, topic_key, channel_key in (("choice", topic.key, channel), ("off", ANY, channel),
                                          ("paused", ANY, ANY)):
         state = aliased(ConsentState, name=f"{name}_state")
-        event = aliased(ConsentEvent, name=f"{name}_event")
         query = query.outerjoin(state, and_(
             state.customer_id == Customer.id, state.topic_key == topic_key,
-            state.channel == channel_key)).outerjoin(event, event.id == state.event_id)
-        joins.append((name, event))
+            state.channel == channel_key))
+        states.append(state.state.label(f"{name}_state"))
     suppression = select(Suppression.reason).where(
         Suppression.customer_id == Customer.id, Suppression.channel == channel,
         Suppression.lifted_at.is_(None)).order_by(Suppression.id).limit(1).scalar_subquery()
     return query.outerjoin(ContactRule, and_(
         ContactRule.customer_id == Customer.id, ContactRule.channel == channel)).add_columns(
-        *(column.label(f"{name}_{column.key}") for name, event in joins
-          for column in (event.id, event.occurred_at, event.source, event.wording_version,
-                         event.state)),
-        suppression.label("suppressed"), ContactRule.max_per_week, ContactRule.quiet_start,
-        ContactRule.quiet_end)
+        *states, suppression.label("suppressed"), ContactRule.max_per_week,
+        ContactRule.quiet_start, ContactRule.quiet_end)
 
 
-def _evidence(row: Any, first: int) -> Evidence | None:
-    return None if row[first] is None else Evidence(*row[first:first + 5])
+# A state without its event: decide() reads only the state of a choice, switch or pause.
+_STATES = {state: Evidence(0, datetime.min.replace(tzinfo=UTC), "", None, state)
+           for state in ("granted", "pending", "withdrawn")}
 
 
 def scan(session: Session, catalog: Catalog, topic: TopicInfo, channel: str, at: datetime,
          after_id: int = 0, *, chunk: int | None = None, limit: int | None = None,
          default_timezone: str = "UTC") -> Iterator[tuple[Person, Member | None]]:
-    """Every candidate in id order with its membership (None: may not receive it now)."""
+    """Every candidate in id order with its membership (None: may not receive it now).
+
+    Each candidate is judged by :class:`~portal.services.decisions.Decider`: :func:`decide`
+    runs for the first person of each shape of facts, and the others of that shape (nearly
+    everyone, in a large base) take its verdict without building their facts."""
     chunk = chunk or CHUNK
     width = len(PERSON_COLUMNS)
+    decider = Decider(at)
     session.flush()  # plain-row reads below do not autoflush pending ORM changes
     conn = session.connection()
     if conn.dialect.name == "postgresql":
         # The planner's estimate for a whole base passes the JIT thresholds, and compiling
         # the joins cost seconds of CPU (more than running them) before the first row.
         conn.exec_driver_sql("SET LOCAL jit = off")
-    # Per statement: Connection.execution_options() would change the connection for good.
-    result = conn.execute(
-        _with_facts(candidates(topic, channel, after_id, limit), topic, channel),
-        execution_options={"stream_results": True, "yield_per": chunk})
-    try:
-        for rows in result.partitions():
-            rules = {row.id: Pressure(*row[-3:]) for row in rows
-                     if row[-3] is not None or row[-2] is not None or row[-1] is not None}
-            sends = recent_sends(session, [cid for cid, r in rules.items() if r.max_per_week],
-                                 (channel,), at)
-            resolved = resolve_contacts(session, channel, rows)
-            for row in rows:
-                facts = assemble_facts(
-                    row, channel, choice=_evidence(row, width), off=_evidence(row, width + 5),
-                    paused=_evidence(row, width + 10), suppressed=row.suppressed,
-                    rule=rules.get(row.id), sends=sends.get((row.id, channel), ()),
-                    resolved=resolved, default_timezone=default_timezone)
-                decision = decide(topic, channel, facts, at)
-                yield row, (Member(row, decision) if decision.allowed else None)
-    finally:
-        result.close()
+    query = _with_facts(candidates(topic, channel, after_id, limit), topic, channel)
+    for plain in stream_rows(session, query, None, chunk):
+        rows = [PersonRow._make(row[:width]) for row in plain]
+        sends = recent_sends(session, [row[0] for row in plain if row[-3]], (channel,), at)
+        resolved = resolve_contacts(session, channel, rows)
+        for row, facts_row in zip(rows, plain, strict=True):
+            choice, off, paused, suppressed, max_per_week, quiet_start, quiet_end = \
+                facts_row[width:]
+            contact = (resolved.get(row[0]) if resolved is not None
+                       else contact_for(row, channel))
+            if max_per_week is None and quiet_start is None and quiet_end is None:
+                known = decider.known(topic, channel, shape_of(
+                    erased=row.erased_at is not None, suppressed=bool(suppressed),
+                    paused=paused == "withdrawn", channel_off=off == "withdrawn",
+                    choice=choice, reachable=contact is not None))
+                if known is not None:
+                    yield row, (Member(row, Decision(
+                        known.decision, known.reason, None, None,
+                        contact if known.contact is not None else None, known.trace))
+                        if known.allowed else None)
+                    continue
+            rule = (None if max_per_week is None and quiet_start is None
+                    and quiet_end is None else Pressure(max_per_week, quiet_start, quiet_end))
+            facts = assemble_facts(
+                row, channel, choice=_STATES.get(choice), off=_STATES.get(off),
+                paused=_STATES.get(paused), suppressed=suppressed, rule=rule,
+                sends=sends.get((row[0], channel), ()), resolved=resolved,
+                default_timezone=default_timezone)
+            decision = decider.decide(topic, channel, facts)
+            yield row, (Member(row, decision) if decision.allowed else None)
 
 
 def page(session: Session, catalog: Catalog, topic: TopicInfo, channel: str, at: datetime,
