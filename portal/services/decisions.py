@@ -341,14 +341,22 @@ def _pressure(p: Pressure, at: datetime) -> tuple[str | None, datetime | None]:
 
 
 class Person(Protocol):
-    id: int
-    public_id: str
-    email: str | None
-    phone: str | None
-    postal_address: str | None
-    locale: str | None
-    timezone: str | None
-    erased_at: datetime | None
+    @property
+    def id(self) -> int: ...
+    @property
+    def public_id(self) -> str: ...
+    @property
+    def email(self) -> str | None: ...
+    @property
+    def phone(self) -> str | None: ...
+    @property
+    def postal_address(self) -> str | None: ...
+    @property
+    def locale(self) -> str | None: ...
+    @property
+    def timezone(self) -> str | None: ...
+    @property
+    def erased_at(self) -> datetime | None: ...
 
 
 PERSON_COLUMNS = (Customer.id, Customer.public_id, Customer.email, Customer.phone,

@@ -156,7 +156,7 @@ def resolve_people(session: Session, refs: Sequence[dict[str, Any]]) -> list[Per
             select(*PERSON_COLUMNS).where(among(session, Customer.id, merged)))}
         people = {key: survivors.get(row.merged_into_id, row) if row.merged_into_id else row
                   for key, row in people.items()}
-    return [people.get(key) if key else None for key in keys]  # type: ignore[misc]
+    return [people.get(key) if key else None for key in keys]
 
 
 def _load_following_merges(session: Session, ids: set[int]) -> dict[int, Customer]:
