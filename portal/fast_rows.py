@@ -136,3 +136,34 @@ def _processed(row: tuple[Any, ...], processors: tuple[tuple[int, Callable[[Any]
         if values[index] is not None:
             values[index] = process(values[index])
     return tuple(values)
+
+
+def copy_out(session: Session, statement: Executable, params: Mapping[str, Any] | None,
+             *, block_bytes: int = 256 * 1024) -> Iterator[bytes]:
+    """``COPY (statement) TO STDOUT`` on PostgreSQL: the rows in COPY's text format (tab
+    between columns, ``\\N`` for NULL, backslash escapes), in blocks of whole lines of about
+    ``block_bytes``. The server sends rows as it finds them, so it keeps working while the
+    caller handles the previous block; memory holds one block."""
+    conn = session.connection()
+    entry = _compile(statement, conn.dialect, cached=False)
+    args = _arguments(entry, params)
+    sql = f"COPY ({entry.sql}) TO STDOUT"
+    cursor: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        if conn._has_events or conn.engine._has_events:
+            conn.dispatch.before_cursor_execute(conn, cursor, sql, args, None, False)
+        with cursor.copy(sql, args) as copy:
+            parts: list[bytes] = []
+            size = 0
+            for row in copy:
+                parts.append(bytes(row))
+                size += len(row)
+                if size >= block_bytes:
+                    yield b"".join(parts)
+                    parts, size = [], 0
+            if parts:
+                yield b"".join(parts)
+    except conn.dialect.loaded_dbapi.Error as exc:
+        conn._handle_dbapi_exception(exc, sql, args, cursor, None)  # raises
+    finally:
+        cursor.close()

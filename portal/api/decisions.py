@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import orjson
 from flask import Response, stream_with_context
 from flask import request as flask_request
 
@@ -113,17 +112,8 @@ def audience(topic: str, channel: str, query: dict[str, Any]) -> Any:
     best = flask_request.accept_mimetypes.best_match(["application/json", NDJSON])
     if best == NDJSON:
         def lines() -> Iterator[bytes]:
-            # One write per ~1,000 members: a write per line cost more than encoding it.
-            buffer: list[bytes] = []
-            for _, member in audiences.scan(session, known, info, channel, at, after,
-                                            default_timezone=default_timezone()):
-                if member is not None:
-                    buffer.append(orjson.dumps(member.as_json()))
-                    if len(buffer) >= 1000:
-                        yield b"\n".join(buffer) + b"\n"
-                        buffer = []
-            if buffer:
-                yield b"\n".join(buffer) + b"\n"
+            yield from audiences.ndjson(session, known, info, channel, at, after,
+                                        default_timezone=default_timezone())
             session.rollback()
 
         return Response(stream_with_context(lines()), mimetype=NDJSON)

@@ -243,6 +243,24 @@ def facts_shape(facts: Facts) -> Shape | None:
                     reachable=facts.contact is not None)
 
 
+CHOICE_STATES: tuple[str | None, ...] = (None, "granted", "pending", "withdrawn")
+
+
+def live_shapes() -> list[Shape]:
+    """Every shape a person who is not erased can have."""
+    return [shape_of(erased=False, suppressed=suppressed, paused=paused, channel_off=off,
+                     choice=choice, reachable=reachable)
+            for suppressed in (False, True) for paused in (False, True)
+            for off in (False, True) for choice in CHOICE_STATES
+            for reachable in (False, True)]
+
+
+# Stand-ins for one person of a given shape: decide() reads only that evidence exists and
+# its state, and that a contact point exists.
+_STAND_IN = {state: Evidence(0, datetime.min.replace(tzinfo=ZoneInfo("UTC")), "", None, state)
+             for state in ("granted", "pending", "withdrawn")}
+
+
 class Decider:
     """:func:`decide` for many people at one instant, run once per shape of facts
     (:func:`facts_shape`) and topic × channel, then reused: a batch or an export meets a few
@@ -255,6 +273,22 @@ class Decider:
     def __init__(self, at: datetime, *, delivery: bool = True) -> None:
         self.at, self.delivery = at, delivery
         self._seen: dict[tuple[int, str, Shape], tuple[Decision, str | None, bool]] = {}
+
+    def verdicts(self, topic: TopicInfo, channel: str, shapes: Iterable[Shape]
+                 ) -> dict[Shape, Decision]:
+        """The verdict of :func:`decide` for one person of each shape, without contact
+        pressure: what a bulk reader that can tell each row's shape (the audience export's
+        SQL) applies to every row of that shape. Evidence and contact are stand-ins."""
+        out: dict[Shape, Decision] = {}
+        for shape in shapes:
+            erased, suppressed, paused, channel_off, choice, reachable = shape
+            out[shape] = self.decide(topic, channel, Facts(
+                erased=erased, suppressed="manual" if suppressed else None,
+                paused=_STAND_IN["withdrawn"] if paused else None,
+                channel_off=_STAND_IN["withdrawn"] if channel_off else None,
+                choice=_STAND_IN[choice] if choice else None,
+                contact={"stand_in": True} if reachable else None))
+        return out
 
     def known(self, topic: TopicInfo, channel: str, shape: Shape) -> Decision | None:
         """The verdict already reached for this shape (evidence and contact left out), or
