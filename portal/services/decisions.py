@@ -22,6 +22,7 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Integer,
+    Select,
     String,
     Time,
     any_,
@@ -31,12 +32,13 @@ from sqlalchemy import (
     literal_column,
     null,
     select,
+    true,
     union_all,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
-from portal.fast_rows import fetch_rows
+from portal.fast_rows import fetch_rows, fetch_rows_split
 from portal.models.consent import (
     ANY,
     ConsentEvent,
@@ -444,6 +446,24 @@ def in_values(dialect: str, column: Any, name: str | None, value: Any = None, *,
     return column.in_(bindparam(name, value, expanding=True))  # type: ignore[no-any-return]
 
 
+def restrict_to(dialect: str, query: Select[Any], column: Any, name: str, *, one: bool = False
+                ) -> Select[Any]:
+    """``query`` restricted to rows whose ``column`` is among the values of parameter ``name``.
+
+    On PostgreSQL with many values, one index probe per value through a fenced LATERAL join,
+    ``unnest(:name) CROSS JOIN LATERAL (query WHERE column = value OFFSET 0)``. Given
+    ``= ANY(:array)`` with thousands of elements the planner preferred a parallel sequential
+    scan of every customer, or a hash of every consent state: reasonable for one query alone,
+    but two halves of a batch read side by side (:func:`fetch_rows_split`) then scanned
+    everything twice. ``OFFSET 0`` keeps the planner from flattening the subquery."""
+    if one or dialect != "postgresql":
+        return query.where(in_values(dialect, column, name, one=one))
+    values = func.unnest(bindparam(name, type_=ARRAY(column.type))).table_valued(
+        "value").render_derived(name=f"{name}_each")
+    inner = query.where(column == values.c.value).offset(0).lateral(f"{name}_rows")
+    return select(*inner.c).select_from(values).join(inner, true())
+
+
 @cache
 def _fact_queries(dialect: str, one: bool = False) -> dict[str, Any]:
     """The bulk reads of :func:`load_facts`, built once per dialect and run on the Session's
@@ -465,21 +485,27 @@ def _fact_queries(dialect: str, one: bool = False) -> dict[str, Any]:
         none(ContactRule.max_per_week.type).label("max_per_week"),
         none(ContactRule.quiet_start.type).label("quiet_start"),
         none(ContactRule.quiet_end.type).label("quiet_end"),
-    ).join(ConsentEvent, ConsentEvent.id == ConsentState.event_id).where(
-        in_values(dialect, ConsentState.customer_id, "ids", one=one))
+    ).join(ConsentEvent, ConsentEvent.id == ConsentState.event_id)
     suppressions = select(
-        literal_column("'x'"), Suppression.customer_id, none(String), Suppression.channel,
-        none(BigInteger), none(ConsentEvent.occurred_at.type), Suppression.reason,
-        none(Integer), none(String), none(Integer), none(Time), none(Time),
-    ).where(in_values(dialect, Suppression.customer_id, "ids", one=one),
-            Suppression.lifted_at.is_(None))
+        literal_column("'x'").label("kind"), Suppression.customer_id,
+        none(String).label("topic_key"), Suppression.channel, none(BigInteger).label("id"),
+        none(ConsentEvent.occurred_at.type).label("occurred_at"),
+        Suppression.reason.label("source"), none(Integer).label("wording_version"),
+        none(String).label("state"), none(Integer).label("max_per_week"),
+        none(Time).label("quiet_start"), none(Time).label("quiet_end"),
+    ).where(Suppression.lifted_at.is_(None))
     rules = select(
-        literal_column("'r'"), ContactRule.customer_id, none(String), ContactRule.channel,
-        none(BigInteger), none(ConsentEvent.occurred_at.type), none(String), none(Integer),
-        none(String), ContactRule.max_per_week, ContactRule.quiet_start, ContactRule.quiet_end,
-    ).where(in_values(dialect, ContactRule.customer_id, "ids", one=one))
+        literal_column("'r'").label("kind"), ContactRule.customer_id,
+        none(String).label("topic_key"), ContactRule.channel, none(BigInteger).label("id"),
+        none(ConsentEvent.occurred_at.type).label("occurred_at"), none(String).label("source"),
+        none(Integer).label("wording_version"), none(String).label("state"),
+        ContactRule.max_per_week, ContactRule.quiet_start, ContactRule.quiet_end,
+    )
     return {
-        "facts": union_all(states, suppressions, rules),
+        "facts": union_all(
+            restrict_to(dialect, states, ConsentState.customer_id, "ids", one=one),
+            restrict_to(dialect, suppressions, Suppression.customer_id, "ids", one=one),
+            restrict_to(dialect, rules, ContactRule.customer_id, "ids", one=one)),
         "sends": select(Dispatch.customer_id, Dispatch.channel, Dispatch.sent_at)
         .where(in_values(dialect, Dispatch.customer_id, "ids", one=one),
                in_values(dialect, Dispatch.channel, "channels"),
@@ -552,7 +578,9 @@ def _load_facts(
     suppressed: dict[tuple[int, str], str] = {}
     rules: dict[tuple[int, str], Pressure] = {}
     for (kind, cid, topic_key, channel, event_id, occurred_at, text, number, state,
-         max_per_week, quiet_start, quiet_end) in fetch_rows(session, queries["facts"], params):
+         max_per_week, quiet_start, quiet_end) in (
+            fetch_rows(session, queries["facts"], params) if one
+            else fetch_rows_split(session, queries["facts"], params, "ids")):
         if channel not in channels:
             continue
         if kind == "s":

@@ -17,14 +17,14 @@ from sqlalchemy import Select, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from portal.db import utcnow
-from portal.fast_rows import fetch_rows
+from portal.fast_rows import fetch_rows, fetch_rows_split
 from portal.models.consent import ANY, ConsentState, ContactRule, Suppression
 from portal.models.customer import Customer, ExternalId
 from portal.services import changes
 from portal.services.accounts import AccountError, create_customer, normalize_email, normalize_phone
 from portal.services.catalog import Catalog
 from portal.services.consent import ConsentError, Proof, record_consent
-from portal.services.decisions import PERSON_COLUMNS, Person, PersonRow, among, in_values
+from portal.services.decisions import PERSON_COLUMNS, Person, PersonRow, among, restrict_to
 
 KINDS = ("id", "email", "phone", "member_number", "external_id")
 # withdrawn beats pending beats granted: on merge, the most restrictive choice survives.
@@ -104,8 +104,9 @@ def _find(session: Session, refs: Sequence[dict[str, Any]], columns: tuple[Any, 
             values = wanted[kind]
             one = len(values) == 1
             query = _lookup(dialect, kind, columns, one)
-            for row in fetch_rows(session, query, {
-                    "values": next(iter(values)) if one else list(values)}):
+            for row in (fetch_rows(session, query, {"values": next(iter(values))}) if one
+                        else fetch_rows_split(session, query, {"values": list(values)},
+                                              "values")):
                 found[(kind, row[width])] = row[:width]
     ids: dict[tuple[str, Any], int] = {}
     if wanted["external_id"]:
@@ -131,8 +132,8 @@ LOOKUP_COLUMNS = {"id": Customer.public_id, "email": Customer.email, "phone": Cu
 def _lookup(dialect: str, kind: str, columns: tuple[Any, ...], one: bool) -> Select[Any]:
     """Built once per dialect: the lookup of every decision request (``one``: of one value)."""
     column = LOOKUP_COLUMNS[kind]
-    return select(*columns, column.label("looked_up")).where(
-        in_values(dialect, column, "values", one=one))
+    return restrict_to(dialect, select(*columns, column.label("looked_up")), column, "values",
+                       one=one)
 
 
 def resolve_many(session: Session, refs: Sequence[dict[str, Any]]) -> list[Customer | None]:

@@ -1,7 +1,11 @@
-"""The NDJSON export as it runs in production on PostgreSQL: bound to an Engine, the people
-under contact pressure are judged on a second connection, in a thread, while COPY writes
-everyone else's lines. Together they must be exactly the members the paginated export (row by
-row, one connection) lists, and nobody twice."""
+"""Reads that use a second connection, as they run in production on PostgreSQL (bound to an
+Engine, not to a test's single connection):
+
+* the NDJSON export judges the people under contact pressure on a second connection, in a
+  thread, while COPY writes everyone else's lines: together exactly the members the
+  paginated export (row by row, one connection) lists, and nobody twice;
+* a large batch decision reads its two halves on two connections at once: every answer is
+  the answer to the same question asked alone."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from datetime import timedelta
 import orjson
 import pytest
 
+from portal import fast_rows
 from portal.db import new_session, utcnow
 from portal.models.consent import ContactRule, Dispatch
 from portal.services.accounts import create_customer
@@ -75,3 +80,35 @@ def test_ndjson_export_on_an_engine_lists_each_member_once(tmp_path):
     assert capped_free <= set(emails)  # the thread's part arrived
     assert not reached & set(emails)   # deferred people stay out
     assert len(emails) == len([i for i in range(120) if i % 7]) - len(reached)
+
+
+def test_a_large_batch_read_on_two_connections_answers_as_single_decisions(tmp_path,
+                                                                          monkeypatch):
+    # 120 people stand for 10,000: split lists from 50 values on, not 2,000
+    monkeypatch.setattr(fast_rows, "SPLIT_AT", 50)
+    with live_database("postgresql", tmp_path) as url:
+        app = make_live_app(url, tmp_path)
+        try:
+            seed(app, 120)
+            key = make_key(app, "decisions:read")
+            client = app.test_client()
+            headers = {"Authorization": f"Bearer {key}"}
+            questions = [{"customer": {"email": f"p{i % 130}@example.com"},  # 10 unknown
+                          "topic": ("newsletter", "offers", "account")[i % 3],
+                          "channel": "email"} for i in range(2600)]
+            r = client.post("/api/v1/decisions/batch", json={"items": questions},
+                            headers=headers)
+            assert r.status_code == 200, r.get_json()
+            together = r.get_json()["results"]
+            alone = {}
+            for q in questions[:390]:  # every (customer, topic) pair once
+                answer = client.post("/api/v1/decisions", json=q, headers=headers).get_json()
+                alone[(q["customer"]["email"], q["topic"])] = answer
+        finally:
+            dispose(app)
+    assert len(together) == len(questions)
+    for q, answer in zip(questions, together, strict=True):
+        assert answer == alone[(q["customer"]["email"], q["topic"])], q
+    reasons = {answer["reason"] for answer in together}
+    assert {"consented", "withdrawn", "frequency_cap", "required_service",
+            "unknown_customer"} <= reasons
