@@ -67,6 +67,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
+    if url.startswith("postgresql"):
+        # No JIT compilation: Carnet's statements are short lookups whose estimates can still
+        # pass the JIT thresholds (a batch's 10,000 probes: 14 ms compiling for a 100 ms
+        # query), and exports set it off anyway.
+        connect_args = kwargs.setdefault("connect_args", {})
+        connect_args["options"] = (connect_args.get("options", "") + " -c jit=off").strip()
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "postgresql" and not kwargs.get("pool_pre_ping"):
         _check_connections_on_checkout(engine)
