@@ -13,7 +13,7 @@ from typing import Any
 
 from flask import Flask, current_app, g
 from sqlalchemy import BigInteger, DateTime, Engine, Integer, MetaData, create_engine, event
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
 from sqlalchemy.orm.session import SessionTransactionOrigin
@@ -72,7 +72,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # pass the JIT thresholds (a batch's 10,000 probes: 14 ms compiling for a 100 ms
         # query), and exports set it off anyway.
         connect_args = kwargs.setdefault("connect_args", {})
-        connect_args["options"] = (connect_args.get("options", "") + " -c jit=off").strip()
+        given = connect_args.get("options") or make_url(url).query.get("options") or ""
+        if not isinstance(given, str):
+            given = " ".join(given)
+        connect_args["options"] = f"{given} -c jit=off".strip()  # keeps the URL's own
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "postgresql" and not kwargs.get("pool_pre_ping"):
         _check_connections_on_checkout(engine)

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from portal import fast_rows
-from portal.db import new_session, utcnow
+from portal.db import make_engine, new_session, utcnow
 from portal.models.consent import ContactRule, Dispatch
 from portal.services.accounts import create_customer
 from portal.services.catalog import get_catalog
@@ -112,3 +112,15 @@ def test_a_large_batch_read_on_two_connections_answers_as_single_decisions(tmp_p
     reasons = {answer["reason"] for answer in together}
     assert {"consented", "withdrawn", "frequency_cap", "required_service",
             "unknown_customer"} <= reasons
+
+
+def test_connections_run_without_jit_and_keep_the_options_of_their_url(tmp_path):
+    with live_database("postgresql", tmp_path) as url:
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SHOW jit").scalar_one() == "off"
+                # the test's own schema, given as options= in the URL, is still searched
+                assert conn.exec_driver_sql("SELECT count(*) FROM topics").scalar_one() > 0
+        finally:
+            engine.dispose()
