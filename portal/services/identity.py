@@ -128,6 +128,20 @@ def _find(session: Session, refs: Sequence[dict[str, Any]], columns: tuple[Any, 
 LOOKUP_COLUMNS = {"id": Customer.public_id, "email": Customer.email, "phone": Customer.phone}
 
 
+def column_lookup(ref: dict[str, Any]) -> tuple[str, Any] | None:
+    """(customer column, normalized value) for an identifier held on the customer row (id,
+    email, phone), which a single decision reads together with the facts; None for member
+    numbers and external ids, which live in other tables."""
+    kind, value = next(iter(ref.items()))
+    if kind == "email":
+        return "email", _email(value)
+    if kind == "phone":
+        return "phone", _phone(value)
+    if kind == "id":
+        return "public_id", value
+    return None
+
+
 @cache
 def _lookup(dialect: str, kind: str, columns: tuple[Any, ...], one: bool) -> Select[Any]:
     """Built once per dialect: the lookup of every decision request (``one``: of one value)."""

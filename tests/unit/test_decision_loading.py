@@ -14,7 +14,7 @@ from portal.services import audiences, identity
 from portal.services.accounts import create_customer
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof, record_consent
-from portal.services.decisions import decide_many
+from portal.services.decisions import decide_many, decide_one
 
 AT = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)  # 14:00 in Paris
 PAIRS = [("newsletter", "email"), ("offers", "email"), ("offers", "sms"), ("orders", "email"),
@@ -180,3 +180,30 @@ def test_ndjson_export_writes_exactly_the_lines_of_the_row_by_row_export(
         exported = {orjson.loads(line)["contact"]["email"] for line in written}
         assert set(odd.values()) <= exported
         assert "capped@example.com" not in exported  # under its weekly cap: deferred
+
+
+def test_a_single_decision_in_one_statement_answers_as_the_bulk_path(session, people):
+    """The single-decision path reads the person and their facts in one statement; for every
+    situation, by every identifier held on the customer row, and for a merged record (which
+    means its survivor), it answers what decide_many answers."""
+    catalog = get_catalog(session)
+    merged = create_customer(session, "merged@example.com", phone="+33699999999")
+    identity.merge(session, catalog, people["paused"], merged, "test")
+    session.flush()
+    names = [*people, "merged"]
+    rows = identity.resolve_people(session, [{"email": f"{n}@example.com"} for n in names])
+    refs = [{"email": f"{n.upper()}@Example.com"} for n in names] + [
+        {"id": row.public_id} for row in rows] + [{"phone": "+33 6 11 11 11 11"},
+                                                   {"email": "nobody@example.com"},
+                                                   {"id": "cus_nobody"}]
+    for ref in refs:
+        lookup = identity.column_lookup(ref)
+        assert lookup is not None
+        [person] = identity.resolve_people(session, [ref])
+        for topic, channel in PAIRS:
+            found, one = decide_one(session, catalog, *lookup, topic, channel, AT)
+            [many] = decide_many(session, catalog, [(person, topic, channel)], AT)
+            assert answers([one]) == answers([many]), (ref, topic, channel)
+            assert (found.id if found else None) == (person.id if person else None)
+    [survivor] = identity.resolve_people(session, [{"email": "merged@example.com"}])
+    assert survivor.id == people["paused"].id
