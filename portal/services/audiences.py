@@ -8,12 +8,10 @@ base, and the precedence rules are applied exactly as for a single decision.
 
 from __future__ import annotations
 
-import queue
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
 from typing import Any
 
 import orjson
@@ -32,20 +30,21 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, aliased
 
 from portal.fast_rows import copy_out, stream_rows
-from portal.models.consent import ANY, ConsentState, ContactRule, Suppression
+from portal.models.consent import ANY, ConsentState, ContactRule, Dispatch, Suppression
 from portal.models.customer import Customer
 from portal.services.catalog import Catalog, TopicInfo
 from portal.services.decisions import (
     CONTACT_FIELDS,
     CONTACT_RESOLVERS,
     PERSON_COLUMNS,
+    WEEK,
     Decider,
     Decision,
     Evidence,
+    Facts,
     Person,
     PersonRow,
     Pressure,
@@ -79,17 +78,6 @@ def candidates(topic: TopicInfo, channel: str, after_id: int, limit: int | None)
         *_candidate_filter(topic.key, channel, requires_granted_choice(topic, channel)))
     query = query.order_by(Customer.id)
     return query if limit is None else query.limit(limit)
-
-
-def _under_pressure(channel: str) -> Select[Any]:
-    """Customers with a weekly cap or quiet hours on the channel: what makes
-    :func:`~portal.services.decisions.facts_shape` None (their verdict depends on the time).
-    An uncorrelated list, so the database hashes it once instead of probing per candidate."""
-    rule = aliased(ContactRule, name="pressure_rule")
-    return select(rule.customer_id).where(
-        rule.channel == channel,
-        or_(rule.max_per_week.is_not(None),
-            and_(rule.quiet_start.is_not(None), rule.quiet_end.is_not(None))))
 
 
 def _candidate_filter(topic_key: str, channel: str, granted_only: bool) -> list[Any]:
@@ -141,10 +129,8 @@ _STATES = {state: Evidence(0, datetime.min.replace(tzinfo=UTC), "", None, state)
 
 def scan(session: Session, catalog: Catalog, topic: TopicInfo, channel: str, at: datetime,
          after_id: int = 0, *, chunk: int | None = None, limit: int | None = None,
-         default_timezone: str = "UTC", under_pressure: bool = False
-         ) -> Iterator[tuple[Person, Member | None]]:
+         default_timezone: str = "UTC") -> Iterator[tuple[Person, Member | None]]:
     """Every candidate in id order with its membership (None: may not receive it now).
-    With ``under_pressure``, only candidates with a weekly cap or quiet hours on the channel.
 
     Each candidate is judged by :class:`~portal.services.decisions.Decider`: :func:`decide`
     runs for the first person of each shape of facts, and the others of that shape (nearly
@@ -158,10 +144,7 @@ def scan(session: Session, catalog: Catalog, topic: TopicInfo, channel: str, at:
         # The planner's estimate for a whole base passes the JIT thresholds, and compiling
         # the joins cost seconds of CPU (more than running them) before the first row.
         conn.exec_driver_sql("SET LOCAL jit = off")
-    query = candidates(topic, channel, after_id, limit)
-    if under_pressure:
-        query = query.where(Customer.id.in_(_under_pressure(channel)))
-    query = _with_facts(query, topic, channel)
+    query = _with_facts(candidates(topic, channel, after_id, limit), topic, channel)
     for plain in stream_rows(session, query, None, chunk):
         rows = [PersonRow._make(row[:width]) for row in plain]
         sends = recent_sends(session, [row[0] for row in plain if row[-3]], (channel,), at)
@@ -250,10 +233,13 @@ def _json(value: Any) -> Any:
 
 def _export_query(topic_key: str, granted_only: bool, channel: str,
                   reasons: tuple[tuple[int, str], ...]) -> Select[Any]:
-    """(public id, contact point, reason, locale) of every member after ``:after`` without
-    contact pressure, in one pass (hash joins over the states, hashed suppression and
-    pressure lists, no sort: NDJSON promises no order). ``reasons`` maps each allowed shape
-    code to its reason."""
+    """Every member after ``:after`` whose shape ``decide()`` allowed, in one pass (hash joins
+    over the states and the contact rules, a hashed suppression list, no sort: NDJSON
+    promises no order), as (under pressure, public id, contact point, reason, locale,
+    pressure). ``reasons`` maps each allowed shape code to its reason. For people under
+    contact pressure the last column holds what the time-dependent rules need, as JSON (the
+    shape code, the cap, the quiet hours, the time zone, the week's dispatches); it is empty
+    for everyone else."""
     column = _contact_column(channel)
     query = select().select_from(Customer).where(
         Customer.id > bindparam("after", type_=Customer.id.type),
@@ -272,6 +258,8 @@ def _export_query(topic_key: str, granted_only: bool, channel: str,
         else:
             query = query.outerjoin(state, on)
         states[name] = state.state
+    rule = aliased(ContactRule, name="rule")
+    query = query.outerjoin(rule, and_(rule.customer_id == Customer.id, rule.channel == channel))
     suppressed = Customer.id.in_(select(Suppression.customer_id).where(
         Suppression.channel == channel, Suppression.lifted_at.is_(None)))
     choice_bits: Any = case(*((states["choice"] == state, bit) for state, bit
@@ -282,9 +270,21 @@ def _export_query(topic_key: str, granted_only: bool, channel: str,
     reason_texts = {reason for _, reason in reasons}
     reason: Any = (literal(next(iter(reason_texts))) if len(reason_texts) == 1 else
                    case(*((code == c, literal(r)) for c, r in reasons)))
-    return query.add_columns(Customer.public_id, column, reason, Customer.locale).where(
-        code == any_(bindparam("codes", [c for c, _ in reasons], type_=ARRAY(Integer))),
-        Customer.id.not_in(_under_pressure(channel)))
+    # What makes facts_shape() None: a weekly cap, or quiet hours with both ends.
+    pressured = or_(rule.max_per_week.is_not(None),
+                    and_(rule.quiet_start.is_not(None), rule.quiet_end.is_not(None)))
+    sends = select(func.json_agg(Dispatch.sent_at)).where(
+        Dispatch.customer_id == Customer.id, Dispatch.channel == channel,
+        Dispatch.sent_at > bindparam("since", type_=Dispatch.sent_at.type),
+        Dispatch.sent_at <= bindparam("until", type_=Dispatch.sent_at.type)).scalar_subquery()
+    pressure = func.json_build_object(
+        "code", code, "max_per_week", rule.max_per_week, "quiet_start", rule.quiet_start,
+        "quiet_end", rule.quiet_end, "timezone", Customer.timezone,
+        "sends", case((rule.max_per_week.is_not(None), sends)))
+    return query.add_columns(
+        case((pressured, 1), else_=0), Customer.public_id, column, reason, Customer.locale,
+        case((pressured, cast(pressure, Text)), else_=literal("")),
+    ).where(code == any_(bindparam("codes", [c for c, _ in reasons], type_=ARRAY(Integer))))
 
 
 def ndjson(session: Session, catalog: Catalog, topic: TopicInfo, channel: str, at: datetime,
@@ -293,7 +293,6 @@ def ndjson(session: Session, catalog: Catalog, topic: TopicInfo, channel: str, a
     """Every member after ``after_id`` as NDJSON, in blocks of lines, in constant memory.
     Lines are ``{"customer", "contact", "reason", "locale"}`` as :meth:`Member.as_json`;
     their order is not promised."""
-    chunk = chunk or CHUNK
     if (session.get_bind().dialect.name != "postgresql" or channel in CONTACT_RESOLVERS
             or _contact_column(channel) is None):
         yield from _ndjson_by_row(scan(session, catalog, topic, channel, at, after_id,
@@ -301,37 +300,10 @@ def ndjson(session: Session, catalog: Catalog, topic: TopicInfo, channel: str, a
         return
     session.flush()
     session.connection().exec_driver_sql("SET LOCAL jit = off")
-
-    def under_pressure(reader: Session) -> Iterator[bytes]:
-        return _ndjson_by_row(scan(reader, catalog, topic, channel, at, after_id, chunk=chunk,
-                                   default_timezone=default_timezone, under_pressure=True))
-
-    bind = session.get_bind()
-    # The few people under contact pressure are judged row by row, in Python: on a second
-    # connection, in a thread, while the database writes everyone else's rows for COPY
-    # (that part waits on the database, this one mostly on Python). Not with a test's
-    # single connection, which cannot be shared.
-    beside = _Beside(bind, under_pressure) if isinstance(bind, Engine) else None
-    try:
-        for block in _ndjson_by_shape(session, topic, channel, at, after_id):
-            yield block
-            if beside is not None:
-                yield from beside.results(wait=False)  # whatever is ready: no order promised
-        if beside is None:
-            yield from under_pressure(session)
-        else:
-            yield from beside.results(wait=True)
-    finally:
-        if beside is not None:
-            beside.stop()
-
-
-def _ndjson_by_shape(session: Session, topic: TopicInfo, channel: str, at: datetime,
-                     after_id: int) -> Iterator[bytes]:
-    """The members without contact pressure, their lines written by COPY."""
+    decider = Decider(at)
     allowed = tuple(sorted(
         (_shape_code(shape), decision.reason)
-        for shape, decision in Decider(at).verdicts(topic, channel, live_shapes()).items()
+        for shape, decision in decider.verdicts(topic, channel, live_shapes()).items()
         if decision.allowed))
     if not allowed:
         return
@@ -339,74 +311,61 @@ def _ndjson_by_shape(session: Session, topic: TopicInfo, channel: str, at: datet
     field_name = CONTACT_FIELDS.get(channel, "customer_id")
     template = (b'{"customer":"\\1","contact":{"' + field_name.encode()
                 + b'":"\\2"},"reason":"\\3","locale":"\\4"}')
-    for block in copy_out(session, query, {"after": after_id}):
+
+    def judged(row: bytes) -> bytes:
+        """A person under contact pressure, judged by decide() at the export's instant."""
+        _, public_id, contact, _, locale, raw = (_copy_field(f) for f in row.split(b"\t"))
+        pressure = orjson.loads(raw or "{}")
+        facts = _facts_of_shape(pressure["code"], {field_name: contact}, Pressure(
+            pressure["max_per_week"], _time(pressure["quiet_start"]),
+            _time(pressure["quiet_end"]), pressure["timezone"] or default_timezone,
+            tuple(datetime.fromisoformat(t) for t in pressure["sends"] or ())))
+        decision = decider.decide(topic, channel, facts)
+        if not decision.allowed:
+            return b""
+        return orjson.dumps({"customer": public_id, "contact": decision.contact,
+                             "reason": decision.reason, "locale": locale}) + b"\n"
+
+    for block in copy_out(session, query, {"after": after_id, "since": at - WEEK,
+                                           "until": at}):
+        under_pressure = _UNDER_PRESSURE.findall(block)
+        if under_pressure:
+            block = _UNDER_PRESSURE.sub(b"", block)
         if _NEEDS_CARE.search(block) is None:
             yield _COPY_ROW.sub(template, block)
         else:
             yield b"".join(_careful_line(row, field_name) for row in block.split(b"\n") if row)
+        if under_pressure:
+            yield b"".join(judged(row.rstrip(b"\n")) for row in under_pressure)
 
 
-class _Beside:
-    """Runs ``produce(session)`` in a thread on a Session of its own (one connection of the
-    pool, its own transaction) and hands its blocks over through a bounded queue, so memory
-    stays flat whoever is slower."""
+def _time(value: str | None) -> time | None:
+    return None if value is None else time.fromisoformat(value)
 
-    _DONE = object()
 
-    def __init__(self, bind: Engine, produce: Any) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=8)
-        self._stopping = threading.Event()
-        self._finished = False
-        self._thread = threading.Thread(target=self._run, args=(bind, produce), daemon=True,
-                                        name="carnet-export")
-        self._thread.start()
+_STATE_OF_BITS = {bit: state for state, bit in _CHOICE_BITS.items()}
 
-    def _run(self, bind: Engine, produce: Any) -> None:
-        outcome: Any = self._DONE
-        try:
-            with Session(bind) as reader, reader.begin():
-                reader.connection().exec_driver_sql("SET LOCAL jit = off")
-                for block in produce(reader):
-                    if not self._put(block):
-                        return
-        except BaseException as exc:  # handed to the consumer, raised there
-            outcome = exc
-        self._put(outcome)
 
-    def _put(self, item: Any) -> bool:
-        while not self._stopping.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+def _facts_of_shape(code: int, contact: dict[str, Any], pressure: Pressure) -> Facts:
+    """Facts of the shape :func:`_shape_code` numbered, with stand-in evidence."""
+    choice = _STATE_OF_BITS[code & 24]
+    return Facts(suppressed="suppressed" if code & 1 else None,
+                 paused=_STATES["withdrawn"] if code & 2 else None,
+                 channel_off=_STATES["withdrawn"] if code & 4 else None,
+                 choice=_STATES[choice] if choice else None,
+                 contact=contact if code & 32 else None, pressure=pressure)
 
-    def results(self, *, wait: bool) -> Iterator[bytes]:
-        """The blocks produced so far (``wait``: all of them, until the producer is done)."""
-        while not self._finished:
-            try:
-                item = self._queue.get(block=wait)
-            except queue.Empty:
-                return
-            if item is self._DONE:
-                self._finished = True
-            elif isinstance(item, BaseException):
-                self._finished = True
-                raise item
-            else:
-                yield item
 
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(timeout=30)
+# Rows of people under contact pressure (first column 1), taken out of a block before the
+# others become lines all at once.
+_UNDER_PRESSURE = re.compile(rb"^1\t[^\n]*\n", re.M)
 
 
 # A block of COPY rows with none of these bytes has no NULL (``\N``), no escape, nothing
 # JSON must escape: each row's columns go into the NDJSON line as they are, by one regular
 # expression over the whole block. A block with any of them takes :func:`_careful_line`.
 _NEEDS_CARE = re.compile(rb'[\x00-\x08\x0b-\x1f"\\]')
-_COPY_ROW = re.compile(rb"^([^\t\n]*)\t([^\t\n]*)\t([^\t\n]*)\t([^\t\n]*)$", re.M)
+_COPY_ROW = re.compile(rb"^0\t([^\t\n]*)\t([^\t\n]*)\t([^\t\n]*)\t([^\t\n]*)\t$", re.M)
 _COPY_ESCAPES = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
 _COPY_ESCAPE = re.compile(rb"\\(.)")
 
@@ -418,7 +377,7 @@ def _copy_field(raw: bytes) -> str | None:
 
 
 def _careful_line(row: bytes, field_name: str) -> bytes:
-    public_id, contact, reason, locale = (_copy_field(f) for f in row.split(b"\t"))
+    _, public_id, contact, reason, locale, _ = (_copy_field(f) for f in row.split(b"\t"))
     return orjson.dumps({"customer": public_id, "contact": {field_name: contact},
                          "reason": reason, "locale": locale}) + b"\n"
 
