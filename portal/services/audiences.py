@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
+from itertools import chain, cycle
 from typing import Any
 
 import orjson
@@ -309,8 +310,7 @@ def ndjson(session: Session, catalog: Catalog, topic: TopicInfo, channel: str, a
         return
     query = _export_query(topic.key, requires_granted_choice(topic, channel), channel, allowed)
     field_name = CONTACT_FIELDS.get(channel, "customer_id")
-    template = (b'{"customer":"\\1","contact":{"' + field_name.encode()
-                + b'":"\\2"},"reason":"\\3","locale":"\\4"}')
+    lines = _Lines(field_name)
 
     def judged(row: bytes) -> bytes:
         """A person under contact pressure, judged by decide() at the export's instant."""
@@ -331,8 +331,9 @@ def ndjson(session: Session, catalog: Catalog, topic: TopicInfo, channel: str, a
         under_pressure = _UNDER_PRESSURE.findall(block)
         if under_pressure:
             block = _UNDER_PRESSURE.sub(b"", block)
-        if _NEEDS_CARE.search(block) is None:
-            yield _COPY_ROW.sub(template, block)
+        plain = lines.of(block) if _NEEDS_CARE.search(block) is None else None
+        if plain is not None:
+            yield plain
         else:
             yield b"".join(_careful_line(row, field_name) for row in block.split(b"\n") if row)
         if under_pressure:
@@ -356,16 +357,40 @@ def _facts_of_shape(code: int, contact: dict[str, Any], pressure: Pressure) -> F
                  contact=contact if code & 32 else None, pressure=pressure)
 
 
+class _Lines:
+    """Plain COPY rows ``0⇥id⇥contact⇥reason⇥locale⇥`` (no escape, nothing JSON must escape)
+    turned into NDJSON lines all at once: the block split at its tabs, the JSON around each
+    field put back by one ``join`` over C iterators. A regular expression substitution did
+    the same with a Python call per line, a third of the export's time."""
+
+    def __init__(self, field_name: str) -> None:
+        self.open = b'{"customer":"'
+        self.close = b'"}\n'
+        # after: the flag, the id, the contact point, the reason, the locale
+        self.between = (b"", b'","contact":{"' + field_name.encode() + b'":"',
+                        b'"},"reason":"', b'","locale":"', b"")
+
+    def of(self, block: bytes) -> bytes | None:
+        """The lines, or None if the block is not made of plain rows only."""
+        fields = block.split(b"\t")
+        rows = block.count(b"\n")
+        if not rows or len(fields) != 5 * rows + 1:
+            return None if rows else b""
+        # each row's flag ("0", or "\n0" after the previous row) opens its line
+        fields[0] = self.open
+        fields[5::5] = [self.close + self.open] * (rows - 1) + [self.close]
+        return b"".join(chain.from_iterable(zip(fields, cycle(self.between))))
+
+
 # Rows of people under contact pressure (first column 1), taken out of a block before the
 # others become lines all at once.
 _UNDER_PRESSURE = re.compile(rb"^1\t[^\n]*\n", re.M)
 
 
 # A block of COPY rows with none of these bytes has no NULL (``\N``), no escape, nothing
-# JSON must escape: each row's columns go into the NDJSON line as they are, by one regular
-# expression over the whole block. A block with any of them takes :func:`_careful_line`.
+# JSON must escape: each row's columns go into the NDJSON line as they are, the whole block
+# at once (:class:`_Lines`). A block with any of them takes :func:`_careful_line`.
 _NEEDS_CARE = re.compile(rb'[\x00-\x08\x0b-\x1f"\\]')
-_COPY_ROW = re.compile(rb"^0\t([^\t\n]*)\t([^\t\n]*)\t([^\t\n]*)\t([^\t\n]*)\t$", re.M)
 _COPY_ESCAPES = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
 _COPY_ESCAPE = re.compile(rb"\\(.)")
 
