@@ -271,7 +271,8 @@ def _export_query(topic_key: str, granted_only: bool, channel: str,
     reason_texts = {reason for _, reason in reasons}
     reason: Any = (literal(next(iter(reason_texts))) if len(reason_texts) == 1 else
                    case(*((code == c, literal(r)) for c, r in reasons)))
-    # What makes facts_shape() None: a weekly cap, or quiet hours with both ends.
+    # Contact pressure (a weekly cap, or quiet hours with both ends): the verdict then
+    # depends on the time, so these rows are judged in Python with their pressure.
     pressured = or_(rule.max_per_week.is_not(None),
                     and_(rule.quiet_start.is_not(None), rule.quiet_end.is_not(None)))
     sends = select(func.json_agg(Dispatch.sent_at)).where(
@@ -314,7 +315,10 @@ def ndjson(session: Session, catalog: Catalog, topic: TopicInfo, channel: str, a
 
     def judged(row: bytes) -> bytes:
         """A person under contact pressure, judged by decide() at the export's instant."""
-        _, public_id, contact, _, locale, raw = (_copy_field(f) for f in row.split(b"\t"))
+        if b"\\" in row:  # an escape or a NULL: field by field
+            _, public_id, contact, _, locale, raw = (_copy_field(f) for f in row.split(b"\t"))
+        else:
+            _, public_id, contact, _, locale, raw = row.decode().split("\t")
         pressure = orjson.loads(raw or "{}")
         facts = _facts_of_shape(pressure["code"], {field_name: contact}, Pressure(
             pressure["max_per_week"], _time(pressure["quiet_start"]),

@@ -230,15 +230,13 @@ def shape_of(*, erased: bool, suppressed: bool, paused: bool, channel_off: bool,
     values: whether they are erased or suppressed, whether marketing is paused or the channel
     switched off (withdrawn), the state of their choice, and whether they have a contact
     point. Two people of the same shape get the same verdict, reason and trace for the same
-    (topic, channel), unless contact pressure applies (then the time matters)."""
+    (topic, channel) and the same contact pressure (cap, quiet hours, time zone and the
+    week's dispatches, from which the time decides)."""
     return (erased, suppressed, paused, channel_off, choice, reachable)
 
 
-def facts_shape(facts: Facts) -> Shape | None:
-    """The :func:`shape_of` these facts, or None when contact pressure makes time matter."""
-    p = facts.pressure
-    if p.max_per_week is not None or (p.quiet_start is not None and p.quiet_end is not None):
-        return None
+def facts_shape(facts: Facts) -> Shape:
+    """The :func:`shape_of` these facts."""
     return shape_of(erased=facts.erased, suppressed=bool(facts.suppressed),
                     paused=facts.paused is not None, channel_off=facts.channel_off is not None,
                     choice=None if facts.choice is None else facts.choice.state,
@@ -265,16 +263,17 @@ _STAND_IN = {state: Evidence(0, datetime.min.replace(tzinfo=ZoneInfo("UTC")), ""
 
 class Decider:
     """:func:`decide` for many people at one instant, run once per shape of facts
-    (:func:`facts_shape`) and topic × channel, then reused: a batch or an export meets a few
-    dozen shapes in 10,000 or 1,000,000 people. Every verdict still comes from
-    :func:`decide`; only its evidence and contact are those of each person. Built per call,
-    so a catalog or rule change never meets a stale verdict."""
+    (:func:`facts_shape`), contact pressure and topic × channel, then reused: a batch or an
+    export meets a few dozen of them in 10,000 or 1,000,000 people. Every verdict still comes
+    from :func:`decide`; only its evidence and contact are those of each person. Built per
+    call, so a catalog or rule change never meets a stale verdict."""
 
     _SLOTS = ("choice", "channel_off", "paused")
 
     def __init__(self, at: datetime, *, delivery: bool = True) -> None:
         self.at, self.delivery = at, delivery
-        self._seen: dict[tuple[int, str, Shape], tuple[Decision, str | None, bool]] = {}
+        self._seen: dict[tuple[int, str, Shape, Pressure],
+                         tuple[Decision, str | None, bool]] = {}
 
     def verdicts(self, topic: TopicInfo, channel: str, shapes: Iterable[Shape]
                  ) -> dict[Shape, Decision]:
@@ -292,18 +291,18 @@ class Decider:
                 contact={"stand_in": True} if reachable else None))
         return out
 
-    def known(self, topic: TopicInfo, channel: str, shape: Shape) -> Decision | None:
-        """The verdict already reached for this shape (evidence and contact left out), or
-        None: the caller then builds the facts and calls :meth:`decide`."""
-        hit = self._seen.get((id(topic), channel, shape))
+    def known(self, topic: TopicInfo, channel: str, shape: Shape,
+              pressure: Pressure | None = None) -> Decision | None:
+        """The verdict already reached for this shape and pressure (none by default), its
+        evidence and contact left out, or None: the caller then builds the facts and calls
+        :meth:`decide`."""
+        hit = self._seen.get((id(topic), channel, shape, pressure or _NO_PRESSURE))
         return None if hit is None else hit[0]
 
     def decide(self, topic: TopicInfo | None, channel: str, facts: Facts | None) -> Decision:
-        shape = None if facts is None or topic is None else facts_shape(facts)
-        if shape is None:
+        if facts is None or topic is None:
             return decide(topic, channel, facts, self.at, delivery=self.delivery)
-        assert topic is not None and facts is not None
-        key = (id(topic), channel, shape)
+        key = (id(topic), channel, facts_shape(facts), facts.pressure)
         hit = self._seen.get(key)
         if hit is None:
             decision = decide(topic, channel, facts, self.at, delivery=self.delivery)
@@ -313,7 +312,7 @@ class Decider:
             return decision
         template, slot, with_contact = hit
         return Decision(template.decision, template.reason,
-                        getattr(facts, slot) if slot else None, None,
+                        getattr(facts, slot) if slot else None, template.next_allowed_at,
                         facts.contact if with_contact else None, template.trace)
 
 
