@@ -1,11 +1,11 @@
-"""Reads that use a second connection, as they run in production on PostgreSQL (bound to an
-Engine, not to a test's single connection):
+"""Reads as they run in production on PostgreSQL: bound to an Engine, not to a test's single
+connection.
 
-* the NDJSON export judges the people under contact pressure on a second connection, in a
-  thread, while COPY writes everyone else's lines: together exactly the members the
-  paginated export (row by row, one connection) lists, and nobody twice;
-* a large batch decision reads its two halves on two connections at once: every answer is
-  the answer to the same question asked alone."""
+* The NDJSON export written by COPY, people under contact pressure judged as their rows
+  pass: exactly the members the paginated export (row by row) lists, and nobody twice.
+* A large batch decision reads its two halves on two connections at once: every answer is
+  the answer to the same question asked alone.
+* Connections run without JIT and keep the options of their URL."""
 
 from __future__ import annotations
 
@@ -48,64 +48,60 @@ def seed(app, n: int) -> None:
     session.close()
 
 
-def test_ndjson_export_on_an_engine_lists_each_member_once(tmp_path):
+@pytest.fixture
+def live(tmp_path):
+    """An app on its own PostgreSQL database and Engine, 120 people seeded, a client and the
+    headers of a key with every scope."""
     with live_database("postgresql", tmp_path) as url:
         app = make_live_app(url, tmp_path)
         try:
             seed(app, 120)
-            key = make_key(app, "audiences:read")
-            client = app.test_client()
-            headers = {"Authorization": f"Bearer {key}"}
-            response = client.get("/api/v1/audiences/newsletter/email",
-                                  headers={**headers, "Accept": "application/x-ndjson"})
-            assert response.status_code == 200
-            streamed = [orjson.loads(line) for line in response.data.splitlines()]
-            paged, cursor = [], None
-            while True:
-                page = client.get("/api/v1/audiences/newsletter/email",
-                                  query_string={"limit": 50, **({"cursor": cursor} if cursor
-                                                                else {})},
-                                  headers=headers).get_json()
-                paged += page["items"]
-                if not (cursor := page["next_cursor"]):
-                    break
+            headers = {"Authorization": f"Bearer {make_key(app)}"}
+            yield app.test_client(), headers
         finally:
             dispose(app)
+
+
+def test_ndjson_export_on_an_engine_lists_each_member_once(live):
+    client, headers = live
+    response = client.get("/api/v1/audiences/newsletter/email",
+                          headers={**headers, "Accept": "application/x-ndjson"})
+    assert response.status_code == 200
+    streamed = [orjson.loads(line) for line in response.data.splitlines()]
+    paged, cursor = [], None
+    while True:
+        page = client.get("/api/v1/audiences/newsletter/email",
+                          query_string={"limit": 50, **({"cursor": cursor} if cursor else {})},
+                          headers=headers).get_json()
+        paged += page["items"]
+        if not (cursor := page["next_cursor"]):
+            break
     emails = [member["contact"]["email"] for member in streamed]
     assert len(emails) == len(set(emails))  # nobody twice
     assert sorted(emails) == sorted(m["contact"]["email"] for m in paged)
     capped_free = {f"p{i}@example.com" for i in range(120) if i % 7 and i % 3 == 0
                    and i % 2}
     reached = {f"p{i}@example.com" for i in range(120) if i % 7 and i % 6 == 0}
-    assert capped_free <= set(emails)  # the thread's part arrived
+    assert capped_free <= set(emails)  # under a cap, not reached: exported
     assert not reached & set(emails)   # deferred people stay out
     assert len(emails) == len([i for i in range(120) if i % 7]) - len(reached)
 
 
-def test_a_large_batch_read_on_two_connections_answers_as_single_decisions(tmp_path,
+def test_a_large_batch_read_on_two_connections_answers_as_single_decisions(live,
                                                                           monkeypatch):
     # 120 people stand for 10,000: split lists from 50 values on, not 2,000
     monkeypatch.setattr(fast_rows, "SPLIT_AT", 50)
-    with live_database("postgresql", tmp_path) as url:
-        app = make_live_app(url, tmp_path)
-        try:
-            seed(app, 120)
-            key = make_key(app, "decisions:read")
-            client = app.test_client()
-            headers = {"Authorization": f"Bearer {key}"}
-            questions = [{"customer": {"email": f"p{i % 130}@example.com"},  # 10 unknown
-                          "topic": ("newsletter", "offers", "account")[i % 3],
-                          "channel": "email"} for i in range(2600)]
-            r = client.post("/api/v1/decisions/batch", json={"items": questions},
-                            headers=headers)
-            assert r.status_code == 200, r.get_json()
-            together = r.get_json()["results"]
-            alone = {}
-            for q in questions[:390]:  # every (customer, topic) pair once
-                answer = client.post("/api/v1/decisions", json=q, headers=headers).get_json()
-                alone[(q["customer"]["email"], q["topic"])] = answer
-        finally:
-            dispose(app)
+    client, headers = live
+    questions = [{"customer": {"email": f"p{i % 130}@example.com"},  # 10 unknown
+                  "topic": ("newsletter", "offers", "account")[i % 3],
+                  "channel": "email"} for i in range(2600)]
+    r = client.post("/api/v1/decisions/batch", json={"items": questions}, headers=headers)
+    assert r.status_code == 200, r.get_json()
+    together = r.get_json()["results"]
+    alone = {}
+    for q in questions[:390]:  # every (customer, topic) pair once
+        answer = client.post("/api/v1/decisions", json=q, headers=headers).get_json()
+        alone[(q["customer"]["email"], q["topic"])] = answer
     assert len(together) == len(questions)
     for q, answer in zip(questions, together, strict=True):
         assert answer == alone[(q["customer"]["email"], q["topic"])], q
