@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, time
+from datetime import datetime, time
 from itertools import chain, cycle
 from typing import Any
 
@@ -41,16 +41,17 @@ from portal.services.decisions import (
     CONTACT_FIELDS,
     CONTACT_RESOLVERS,
     PERSON_COLUMNS,
+    STATE_ONLY,
     WEEK,
     Decider,
     Decision,
-    Evidence,
-    Facts,
     Person,
     PersonRow,
     Pressure,
+    Shape,
     assemble_facts,
     contact_for,
+    facts_of_shape,
     live_shapes,
     recent_sends,
     requires_granted_choice,
@@ -123,11 +124,6 @@ def _with_facts(query: Select[Any], topic: TopicInfo, channel: str) -> Select[An
         ContactRule.quiet_start, ContactRule.quiet_end)
 
 
-# A state without its event: decide() reads only the state of a choice, switch or pause.
-_STATES = {state: Evidence(0, datetime.min.replace(tzinfo=UTC), "", None, state)
-           for state in ("granted", "pending", "withdrawn")}
-
-
 def scan(session: Session, catalog: Catalog, topic: TopicInfo, channel: str, at: datetime,
          after_id: int = 0, *, chunk: int | None = None, limit: int | None = None,
          default_timezone: str = "UTC") -> Iterator[tuple[Person, Member | None]]:
@@ -169,8 +165,8 @@ def scan(session: Session, catalog: Catalog, topic: TopicInfo, channel: str, at:
             rule = (None if max_per_week is None and quiet_start is None
                     and quiet_end is None else Pressure(max_per_week, quiet_start, quiet_end))
             facts = assemble_facts(
-                row, channel, choice=_STATES.get(choice), off=_STATES.get(off),
-                paused=_STATES.get(paused), suppressed=suppressed, rule=rule,
+                row, channel, choice=STATE_ONLY.get(choice), off=STATE_ONLY.get(off),
+                paused=STATE_ONLY.get(paused), suppressed=suppressed, rule=rule,
                 sends=sends.get((row[0], channel), ()), resolved=resolved,
                 default_timezone=default_timezone)
             decision = decider.decide(topic, channel, facts)
@@ -196,23 +192,23 @@ def page(session: Session, catalog: Catalog, topic: TopicInfo, channel: str, at:
     return members, None
 
 
-# --- NDJSON export on PostgreSQL: lines written by the database ------------------------------
+# --- NDJSON export on PostgreSQL: one COPY -----------------------------------------------------
 #
 # An export of a large base spent its time moving each candidate into Python to learn a
-# verdict that, without contact pressure, depends only on the person's shape of facts
-# (:func:`~portal.services.decisions.shape_of`). So the verdicts come first: the Decider asks
-# decide() once for every shape a live person can have. The query then computes each
+# verdict that depends only on the person's shape of facts (:func:`~portal.services.decisions.
+# shape_of`) and, for a few, their contact pressure. So the verdicts come first: the Decider
+# asks decide() once for every shape a live person can have. The query then computes each
 # candidate's shape as a number (:func:`_shape_code`, the same components, bit by bit), keeps
-# the candidates whose shape decide() allowed, and writes their NDJSON lines itself, 5,000 to
-# a row, joined by newlines; Python passes the bytes on. People under contact pressure (a
-# weekly cap or quiet hours), whose verdict depends on the time, are left out of that query
-# and judged row by row by :func:`scan` afterwards. Channels whose contact point lives
-# outside the customer row, and SQLite, take :func:`scan` for everyone.
+# the candidates whose shape decide() allowed, and returns plain columns through COPY, which
+# become NDJSON lines a block at a time. People under contact pressure (a weekly cap or quiet
+# hours), whose verdict also depends on the time, come with what those rules need and are
+# judged by decide() as their rows pass. Channels whose contact point lives outside the
+# customer row, and SQLite, take :func:`scan` for everyone.
 
 _CHOICE_BITS = {None: 0, "granted": 8, "pending": 16, "withdrawn": 24}
 
 
-def _shape_code(shape: tuple[Any, ...]) -> int:
+def _shape_code(shape: Shape) -> int:
     erased, suppressed, paused, channel_off, choice, reachable = shape
     assert not erased  # candidates are live
     return ((1 if suppressed else 0) + (2 if paused else 0) + (4 if channel_off else 0)
@@ -225,11 +221,6 @@ def _contact_column(channel: str) -> Any:
     if field_name is not None:
         return getattr(Customer, field_name)
     return Customer.public_id if channel == "app_push" else None
-
-
-def _json(value: Any) -> Any:
-    """A JSON string literal of a text column, escaped by PostgreSQL; ``null`` for NULL."""
-    return func.coalesce(cast(func.to_json(value), Text), literal("null"))
 
 
 def _export_query(topic_key: str, granted_only: bool, channel: str,
@@ -320,7 +311,7 @@ def ndjson(session: Session, catalog: Catalog, topic: TopicInfo, channel: str, a
         else:
             _, public_id, contact, _, locale, raw = row.decode().split("\t")
         pressure = orjson.loads(raw or "{}")
-        facts = _facts_of_shape(pressure["code"], {field_name: contact}, Pressure(
+        facts = facts_of_shape(_shape_of_code(pressure["code"]), {field_name: contact}, Pressure(
             pressure["max_per_week"], _time(pressure["quiet_start"]),
             _time(pressure["quiet_end"]), pressure["timezone"] or default_timezone,
             tuple(datetime.fromisoformat(t) for t in pressure["sends"] or ())))
@@ -351,14 +342,11 @@ def _time(value: str | None) -> time | None:
 _STATE_OF_BITS = {bit: state for state, bit in _CHOICE_BITS.items()}
 
 
-def _facts_of_shape(code: int, contact: dict[str, Any], pressure: Pressure) -> Facts:
-    """Facts of the shape :func:`_shape_code` numbered, with stand-in evidence."""
-    choice = _STATE_OF_BITS[code & 24]
-    return Facts(suppressed="suppressed" if code & 1 else None,
-                 paused=_STATES["withdrawn"] if code & 2 else None,
-                 channel_off=_STATES["withdrawn"] if code & 4 else None,
-                 choice=_STATES[choice] if choice else None,
-                 contact=contact if code & 32 else None, pressure=pressure)
+def _shape_of_code(code: int) -> Shape:
+    """The shape :func:`_shape_code` numbered."""
+    return shape_of(erased=False, suppressed=bool(code & 1), paused=bool(code & 2),
+                    channel_off=bool(code & 4), choice=_STATE_OF_BITS[code & 24],
+                    reachable=bool(code & 32))
 
 
 class _Lines:

@@ -255,10 +255,23 @@ def live_shapes() -> list[Shape]:
             for reachable in (False, True)]
 
 
-# Stand-ins for one person of a given shape: decide() reads only that evidence exists and
-# its state, and that a contact point exists.
-_STAND_IN = {state: Evidence(0, datetime.min.replace(tzinfo=ZoneInfo("UTC")), "", None, state)
-             for state in ("granted", "pending", "withdrawn")}
+# A state without its event, for readers that know only the state (the audience export):
+# decide() reads only whether evidence exists and its state.
+STATE_ONLY = {state: Evidence(0, datetime.min.replace(tzinfo=ZoneInfo("UTC")), "", None, state)
+              for state in ("granted", "pending", "withdrawn")}
+
+
+def facts_of_shape(shape: Shape, contact: dict[str, Any], pressure: Pressure | None = None
+                   ) -> Facts:
+    """Facts of one person of this shape (:data:`STATE_ONLY` evidence), reached at
+    ``contact`` if the shape is reachable."""
+    erased, suppressed, paused, channel_off, choice, reachable = shape
+    return Facts(erased=erased, suppressed="suppressed" if suppressed else None,
+                 paused=STATE_ONLY["withdrawn"] if paused else None,
+                 channel_off=STATE_ONLY["withdrawn"] if channel_off else None,
+                 choice=STATE_ONLY[choice] if choice else None,
+                 contact=contact if reachable else None,
+                 pressure=pressure or _NO_PRESSURE)
 
 
 class Decider:
@@ -280,16 +293,8 @@ class Decider:
         """The verdict of :func:`decide` for one person of each shape, without contact
         pressure: what a bulk reader that can tell each row's shape (the audience export's
         SQL) applies to every row of that shape. Evidence and contact are stand-ins."""
-        out: dict[Shape, Decision] = {}
-        for shape in shapes:
-            erased, suppressed, paused, channel_off, choice, reachable = shape
-            out[shape] = self.decide(topic, channel, Facts(
-                erased=erased, suppressed="manual" if suppressed else None,
-                paused=_STAND_IN["withdrawn"] if paused else None,
-                channel_off=_STAND_IN["withdrawn"] if channel_off else None,
-                choice=_STAND_IN[choice] if choice else None,
-                contact={"stand_in": True} if reachable else None))
-        return out
+        return {shape: self.decide(topic, channel, facts_of_shape(shape, {"stand_in": True}))
+                for shape in shapes}
 
     def known(self, topic: TopicInfo, channel: str, shape: Shape,
               pressure: Pressure | None = None) -> Decision | None:
