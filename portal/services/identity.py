@@ -85,13 +85,7 @@ def _find(session: Session, refs: Sequence[dict[str, Any]], columns: tuple[Any, 
         if not ref:
             keys.append(None)
             continue
-        kind, value = next(iter(ref.items()))
-        if kind == "email":
-            value = _email(value)
-        elif kind == "phone":
-            value = _phone(value)
-        elif kind == "external_id":
-            value = (value["namespace"], value["value"])
+        kind, value = _lookup_key(ref)
         keys.append((kind, value))
         wanted[kind].add(value)
 
@@ -128,18 +122,25 @@ def _find(session: Session, refs: Sequence[dict[str, Any]], columns: tuple[Any, 
 LOOKUP_COLUMNS = {"id": Customer.public_id, "email": Customer.email, "phone": Customer.phone}
 
 
+def _lookup_key(ref: dict[str, Any]) -> tuple[str, Any]:
+    """(kind, normalized value) of an identifier object."""
+    kind, value = next(iter(ref.items()))
+    if kind == "email":
+        value = _email(value)
+    elif kind == "phone":
+        value = _phone(value)
+    elif kind == "external_id":
+        value = (value["namespace"], value["value"])
+    return kind, value
+
+
 def column_lookup(ref: dict[str, Any]) -> tuple[str, Any] | None:
     """(customer column, normalized value) for an identifier held on the customer row (id,
     email, phone), which a single decision reads together with the facts; None for member
     numbers and external ids, which live in other tables."""
-    kind, value = next(iter(ref.items()))
-    if kind == "email":
-        return "email", _email(value)
-    if kind == "phone":
-        return "phone", _phone(value)
-    if kind == "id":
-        return "public_id", value
-    return None
+    kind, value = _lookup_key(ref)
+    column = LOOKUP_COLUMNS.get(kind)
+    return None if column is None else (column.key, value)
 
 
 @cache
