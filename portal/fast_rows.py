@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,23 +119,32 @@ def _fetch_beside(engine: Engine, statement: Executable, params: Mapping[str, An
         return _fetch(conn.execution_options(isolation_level="AUTOCOMMIT"), statement, params)
 
 
+@contextmanager
+def _statement(conn: Connection, cursor: Any, sql: str, args: Any) -> Iterator[None]:
+    """Around a statement on the driver's cursor what ``Connection.execute`` would do:
+    ``before_cursor_execute`` listeners first; driver errors wrapped by SQLAlchemy (a lost
+    connection invalidates the pool); the cursor closed however it ends."""
+    try:
+        if conn._has_events or conn.engine._has_events:
+            conn.dispatch.before_cursor_execute(conn, cursor, sql, args, None, False)
+        yield
+    except conn.dialect.loaded_dbapi.Error as exc:
+        conn._handle_dbapi_exception(exc, sql, args, cursor, None)  # raises
+    finally:
+        cursor.close()
+
+
 def _fetch(conn: Connection, statement: Executable, params: Mapping[str, Any] | None
            ) -> list[tuple[Any, ...]]:
     entry = _compile(statement, conn.dialect)
     args = _arguments(entry, params)
     cursor: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        if conn._has_events or conn.engine._has_events:
-            conn.dispatch.before_cursor_execute(conn, cursor, entry.sql, args, None, False)
+    with _statement(conn, cursor, entry.sql, args):
         if entry.prepare:
             cursor.execute(entry.sql, args, prepare=True)
         else:
             cursor.execute(entry.sql, args)
         rows: list[tuple[Any, ...]] = cursor.fetchall()
-    except conn.dialect.loaded_dbapi.Error as exc:
-        conn._handle_dbapi_exception(exc, entry.sql, args, cursor, None)  # raises
-    finally:
-        cursor.close()
     if entry.result_processors and rows:
         rows = [_processed(row, entry.result_processors) for row in rows]
     return rows
@@ -151,9 +161,7 @@ def stream_rows(session: Session, statement: Executable, params: Mapping[str, An
     raw: Any = conn.connection.dbapi_connection
     postgresql = conn.dialect.name == "postgresql"
     cursor: Any = raw.cursor(name="carnet_stream") if postgresql else raw.cursor()
-    try:
-        if conn._has_events or conn.engine._has_events:
-            conn.dispatch.before_cursor_execute(conn, cursor, entry.sql, args, None, False)
+    with _statement(conn, cursor, entry.sql, args):
         cursor.execute(entry.sql, args)
         while True:
             rows: list[tuple[Any, ...]] = cursor.fetchmany(chunk)
@@ -162,10 +170,6 @@ def stream_rows(session: Session, statement: Executable, params: Mapping[str, An
             if entry.result_processors:
                 rows = [_processed(row, entry.result_processors) for row in rows]
             yield rows
-    except conn.dialect.loaded_dbapi.Error as exc:
-        conn._handle_dbapi_exception(exc, entry.sql, args, cursor, None)  # raises
-    finally:
-        cursor.close()
 
 
 def _processed(row: tuple[Any, ...], processors: tuple[tuple[int, Callable[[Any], Any]], ...]
@@ -191,21 +195,14 @@ def copy_out(session: Session, statement: Executable, params: Mapping[str, Any] 
     args = _arguments(entry, params)
     sql = f"COPY ({entry.sql}) TO STDOUT"
     cursor: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        if conn._has_events or conn.engine._has_events:
-            conn.dispatch.before_cursor_execute(conn, cursor, sql, args, None, False)
-        with cursor.copy(sql, args) as copy:
-            parts: list[bytes] = []
-            size = 0
-            for row in copy:
-                parts.append(bytes(row))
-                size += len(row)
-                if size >= block_bytes:
-                    yield b"".join(parts)
-                    parts, size = [], 0
-            if parts:
+    with _statement(conn, cursor, sql, args), cursor.copy(sql, args) as copy:
+        parts: list[bytes] = []
+        size = 0
+        for row in copy:
+            parts.append(bytes(row))
+            size += len(row)
+            if size >= block_bytes:
                 yield b"".join(parts)
-    except conn.dialect.loaded_dbapi.Error as exc:
-        conn._handle_dbapi_exception(exc, sql, args, cursor, None)  # raises
-    finally:
-        cursor.close()
+                parts, size = [], 0
+        if parts:
+            yield b"".join(parts)
