@@ -24,7 +24,7 @@ from portal.db import get_session, utcnow
 from portal.models.catalog import CHANNELS
 from portal.models.consent import Dispatch
 from portal.services import audiences, identity
-from portal.services.decisions import decide_many, decide_one
+from portal.services.decisions import decide_many
 
 NDJSON = "application/x-ndjson"
 
@@ -37,17 +37,11 @@ def decision(body: dict[str, Any]) -> Any:
     """Answers send, deny or defer with a stable reason code and the consent event that
     justifies it. ``explain`` adds the rules evaluated, in order."""
     session = get_session()
-    at = at_or_now(body.get("at"))
-    lookup = identity.column_lookup(body["customer"])
     with session.begin():
-        if lookup is not None:  # person and facts in one statement
-            _, result = decide_one(session, catalog(session), *lookup, body["topic"],
-                                   body["channel"], at, default_timezone=default_timezone())
-        else:
-            [customer] = identity.resolve_people(session, [body["customer"]])
-            [result] = decide_many(session, catalog(session),
-                                   [(customer, body["topic"], body["channel"])], at,
-                                   default_timezone=default_timezone())
+        result = identity.decide_about(session, catalog(session), body["customer"],
+                                       body["topic"], body["channel"],
+                                       at_or_now(body.get("at")),
+                                       default_timezone=default_timezone())
     return fast_json(decision_json(result, body.get("explain", False)))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from typing import Any
 
@@ -24,7 +25,16 @@ from portal.services import changes
 from portal.services.accounts import AccountError, create_customer, normalize_email, normalize_phone
 from portal.services.catalog import Catalog
 from portal.services.consent import ConsentError, Proof, record_consent
-from portal.services.decisions import PERSON_COLUMNS, Person, PersonRow, among, restrict_to
+from portal.services.decisions import (
+    PERSON_COLUMNS,
+    Decision,
+    Person,
+    PersonRow,
+    among,
+    decide_many,
+    decide_one,
+    restrict_to,
+)
 
 KINDS = ("id", "email", "phone", "member_number", "external_id")
 # withdrawn beats pending beats granted: on merge, the most restrictive choice survives.
@@ -173,6 +183,21 @@ def resolve_people(session: Session, refs: Sequence[dict[str, Any]]) -> list[Per
         people = {key: survivors.get(row.merged_into_id, row) if row.merged_into_id else row
                   for key, row in people.items()}
     return [people.get(key) if key else None for key in keys]
+
+
+def decide_about(session: Session, catalog: Catalog, ref: dict[str, Any], topic_key: str,
+                 channel: str, at: datetime, *, default_timezone: str = "UTC") -> Decision:
+    """The single decision about the customer ``ref`` names: with an identifier held on the
+    customer row, the person and their facts in one statement (:func:`decide_one`); with a
+    member number or an external id, found first, then decided."""
+    lookup = column_lookup(ref)
+    if lookup is not None:
+        return decide_one(session, catalog, *lookup, topic_key, channel, at,
+                          default_timezone=default_timezone)[1]
+    [customer] = resolve_people(session, [ref])
+    [result] = decide_many(session, catalog, [(customer, topic_key, channel)], at,
+                           default_timezone=default_timezone)
+    return result
 
 
 def _load_following_merges(session: Session, ids: set[int]) -> dict[int, Customer]:
