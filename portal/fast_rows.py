@@ -19,12 +19,15 @@ It returns tuples in column order and nothing else: no ORM objects, no autoflush
 
 from __future__ import annotations
 
+import select
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+from psycopg import pq
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
@@ -189,20 +192,79 @@ def copy_out(session: Session, statement: Executable, params: Mapping[str, Any] 
     """``COPY (statement) TO STDOUT`` on PostgreSQL: the rows in COPY's text format (tab
     between columns, ``\\N`` for NULL, backslash escapes), in blocks of whole lines of about
     ``block_bytes``. The server sends rows as it finds them, so it keeps working while the
-    caller handles the previous block; memory holds one block."""
+    caller handles the previous block; memory holds one block.
+
+    COPY sends one message per row. psycopg's ``Copy`` reads each through its generator
+    machinery (a few microseconds a row: most of an export's own CPU), so the rows are read
+    here from libpq directly (``PGconn.get_copy_data``), as many as it has buffered per
+    wake-up. The parameters are merged client-side, as ``Cursor.copy`` does (COPY takes no
+    bind parameters)."""
     conn = session.connection()
     entry = _compile(statement, conn.dialect, cached=False)
     args = _arguments(entry, params)
     sql = f"COPY ({entry.sql}) TO STDOUT"
-    cursor: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    with _statement(conn, cursor, sql, args), cursor.copy(sql, args) as copy:
+    dbapi: Any = conn.connection.dbapi_connection
+    cursor = psycopg.ClientCursor(dbapi)
+    with _statement(conn, cursor, sql, args):
+        query = cursor.mogrify(sql, args).encode(dbapi.info.encoding)
+        yield from _copy_blocks(dbapi, query, block_bytes)
+
+
+def _copy_blocks(dbapi: Any, query: bytes, block_bytes: int) -> Iterator[bytes]:
+    pgconn = dbapi.pgconn
+    poll = select.poll()
+    poll.register(pgconn.socket, select.POLLIN)
+
+    def results() -> list[Any]:
+        """Every result of the command, waiting without blocking the GIL."""
+        found: list[Any] = []
+        while True:
+            pgconn.consume_input()
+            if pgconn.is_busy():
+                poll.poll()
+                continue
+            result = pgconn.get_result()
+            if result is None:
+                return found
+            found.append(result)
+            if result.status == pq.ExecStatus.COPY_OUT:
+                return found
+
+    def check(result: Any, expected: pq.ExecStatus) -> None:
+        if result.status != expected:
+            raise psycopg.errors.error_from_result(result, encoding=dbapi.info.encoding)
+
+    pgconn.send_query(query)
+    [*_, started] = results()
+    check(started, pq.ExecStatus.COPY_OUT)
+    finished = False
+    try:
         parts: list[bytes] = []
         size = 0
-        for row in copy:
-            parts.append(bytes(row))
-            size += len(row)
-            if size >= block_bytes:
-                yield b"".join(parts)
-                parts, size = [], 0
+        read = pgconn.get_copy_data
+        while True:
+            nbytes, data = read(1)
+            if nbytes > 0:
+                parts.append(bytes(data))
+                size += nbytes
+                if size >= block_bytes:
+                    yield b"".join(parts)
+                    parts, size = [], 0
+            elif nbytes == 0:  # nothing buffered: wait for the server
+                poll.poll()
+                pgconn.consume_input()
+            else:  # the end of the COPY, then its outcome
+                finished = True
+                for result in results():
+                    check(result, pq.ExecStatus.COMMAND_OK)
+                break
         if parts:
             yield b"".join(parts)
+    finally:
+        if not finished:  # the reader stopped early: cancel, then drain to a usable state
+            dbapi.cancel_safe()
+            while (read := pgconn.get_copy_data(1))[0] >= 0:
+                if read[0] == 0:
+                    poll.poll()
+                    pgconn.consume_input()
+            results()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, time
 
-from sqlalchemy import DDL, ForeignKey, Index, Integer, String, Text, Time, event
+from sqlalchemy import DDL, ForeignKey, Index, Integer, String, Text, Time, event, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from portal.db import Base, BigID, UTCDateTime, utcnow
@@ -57,6 +57,11 @@ class ConsentState(Base):
     """The latest event per (customer, topic, channel); written in the event's transaction."""
 
     __tablename__ = "consent_states"
+    # The channel switches and marketing pauses (topic "*") of everyone, for bulk readers
+    # (the audience export): a few rows, where the primary key would mean reading them all.
+    __table_args__ = (Index("ix_consent_states_wildcards", "channel", "customer_id",
+                            postgresql_where=text("topic_key = '*'"),
+                            sqlite_where=text("topic_key = '*'")),)
 
     customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), primary_key=True)
     topic_key: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -225,58 +225,64 @@ def _contact_column(channel: str) -> Any:
 
 def _export_query(topic_key: str, granted_only: bool, channel: str,
                   reasons: tuple[tuple[int, str], ...]) -> Select[Any]:
-    """Every member after ``:after`` whose shape ``decide()`` allowed, in one pass (hash joins
-    over the states and the contact rules, a hashed suppression list, no sort: NDJSON
-    promises no order), as (under pressure, public id, contact point, reason, locale,
-    pressure). ``reasons`` maps each allowed shape code to its reason. For people under
-    contact pressure the last column holds what the time-dependent rules need, as JSON (the
-    shape code, the cap, the quiet hours, the time zone, the week's dispatches); it is empty
-    for everyone else."""
+    """Every member after ``:after`` whose shape ``decide()`` allowed, in one pass, as (under
+    pressure, public id, contact point, reason, locale, pressure). ``reasons`` maps each
+    allowed shape code to its reason. For people under contact pressure the last column holds
+    what the time-dependent rules need, as JSON (the shape code, the cap, the quiet hours, the
+    time zone, the week's dispatches); it is empty for everyone else.
+
+    One join at most (the choice, hashed); every other fact is a hashed list of the few people
+    it concerns (active suppressions, withdrawn channel switches and marketing pauses, contact
+    rules), so PostgreSQL builds each once and probes it in memory. Joins there made the
+    planner, which cannot estimate the shape filter, probe the contact rules' index once per
+    member (or hash the members instead of the rules) and scan the states three times. No
+    sort: NDJSON promises no order."""
     column = _contact_column(channel)
     query = select().select_from(Customer).where(
         Customer.id > bindparam("after", type_=Customer.id.type),
         *_candidate_filter(topic_key, channel, False))
-    states = {}
-    for name, state_topic, channel_key in (("choice", topic_key, channel), ("off", ANY, channel),
-                                           ("paused", ANY, ANY)):
-        state = aliased(ConsentState, name=f"{name}_state")
-        on = and_(state.customer_id == Customer.id, state.topic_key == state_topic,
-                  state.channel == channel_key)
-        if name == "choice" and granted_only:
-            # Only a granted choice can allow: a join (one row at most, the primary key)
-            # the planner hashes, where the EXISTS of the candidate filter was probed once
-            # per customer.
-            query = query.join(state, and_(on, state.state == "granted"))
-        else:
-            query = query.outerjoin(state, on)
-        states[name] = state.state
-    rule = aliased(ContactRule, name="rule")
-    query = query.outerjoin(rule, and_(rule.customer_id == Customer.id, rule.channel == channel))
+    choice = aliased(ConsentState, name="choice_state")
+    on = and_(choice.customer_id == Customer.id, choice.topic_key == topic_key,
+              choice.channel == channel)
+    # Only a granted choice can allow when nothing else does: then an inner join.
+    query = (query.join(choice, and_(on, choice.state == "granted")) if granted_only
+             else query.outerjoin(choice, on))
+
+    def withdrawn(channel_key: str) -> Any:
+        return Customer.id.in_(select(ConsentState.customer_id).where(
+            ConsentState.topic_key == ANY, ConsentState.channel == channel_key,
+            ConsentState.state == "withdrawn"))
+
     suppressed = Customer.id.in_(select(Suppression.customer_id).where(
         Suppression.channel == channel, Suppression.lifted_at.is_(None)))
-    choice_bits: Any = case(*((states["choice"] == state, bit) for state, bit
+    choice_bits: Any = case(*((choice.state == state, bit) for state, bit
                               in _CHOICE_BITS.items() if state is not None), else_=0)
-    code = (case((suppressed, 1), else_=0) + case((states["paused"] == "withdrawn", 2), else_=0)
-            + case((states["off"] == "withdrawn", 4), else_=0) + choice_bits
+    code = (case((suppressed, 1), else_=0) + case((withdrawn(ANY), 2), else_=0)
+            + case((withdrawn(channel), 4), else_=0) + choice_bits
             + case((and_(column.is_not(None), column != ""), 32), else_=0))
     reason_texts = {reason for _, reason in reasons}
     reason: Any = (literal(next(iter(reason_texts))) if len(reason_texts) == 1 else
                    case(*((code == c, literal(r)) for c, r in reasons)))
     # Contact pressure (a weekly cap, or quiet hours with both ends): the verdict then
     # depends on the time, so these rows are judged in Python with their pressure.
-    pressured = or_(rule.max_per_week.is_not(None),
-                    and_(rule.quiet_start.is_not(None), rule.quiet_end.is_not(None)))
+    pressured = Customer.id.in_(select(ContactRule.customer_id).where(
+        ContactRule.channel == channel,
+        or_(ContactRule.max_per_week.is_not(None),
+            and_(ContactRule.quiet_start.is_not(None), ContactRule.quiet_end.is_not(None)))))
+    rule = aliased(ContactRule, name="rule")
     sends = select(func.json_agg(Dispatch.sent_at)).where(
         Dispatch.customer_id == Customer.id, Dispatch.channel == channel,
         Dispatch.sent_at > bindparam("since", type_=Dispatch.sent_at.type),
-        Dispatch.sent_at <= bindparam("until", type_=Dispatch.sent_at.type)).scalar_subquery()
-    pressure = func.json_build_object(
+        Dispatch.sent_at <= bindparam("until", type_=Dispatch.sent_at.type)
+    ).correlate(Customer).scalar_subquery()
+    pressure = select(cast(func.json_build_object(
         "code", code, "max_per_week", rule.max_per_week, "quiet_start", rule.quiet_start,
         "quiet_end", rule.quiet_end, "timezone", Customer.timezone,
-        "sends", case((rule.max_per_week.is_not(None), sends)))
+        "sends", case((rule.max_per_week.is_not(None), sends))), Text)).where(
+        rule.customer_id == Customer.id, rule.channel == channel).scalar_subquery()
     return query.add_columns(
         case((pressured, 1), else_=0), Customer.public_id, column, reason, Customer.locale,
-        case((pressured, cast(pressure, Text)), else_=literal("")),
+        case((pressured, pressure), else_=literal("")),
     ).where(code == any_(bindparam("codes", [c for c, _ in reasons], type_=ARRAY(Integer))))
 
 
@@ -323,10 +329,8 @@ def ndjson(session: Session, catalog: Catalog, topic: TopicInfo, channel: str, a
 
     for block in copy_out(session, query, {"after": after_id, "since": at - WEEK,
                                            "until": at}):
-        under_pressure = _UNDER_PRESSURE.findall(block)
-        if under_pressure:
-            block = _UNDER_PRESSURE.sub(b"", block)
-        plain = lines.of(block) if _NEEDS_CARE.search(block) is None else None
+        block, under_pressure = _take_pressured(block)
+        plain = lines.of(block) if _is_plain(block) else None
         if plain is not None:
             yield plain
         else:
@@ -374,15 +378,36 @@ class _Lines:
         return b"".join(chain.from_iterable(zip(fields, cycle(self.between))))
 
 
-# Rows of people under contact pressure (first column 1), taken out of a block before the
-# others become lines all at once.
-_UNDER_PRESSURE = re.compile(rb"^1\t[^\n]*\n", re.M)
+def _take_pressured(block: bytes) -> tuple[bytes, list[bytes]]:
+    """The block without the rows of people under contact pressure (first column 1), and
+    those rows. ``bytes.find`` runs at memory speed; a multi-line regular expression doing
+    the same cost a tenth of the export's time."""
+    block = b"\n" + block
+    plain: list[bytes] = []
+    pressured: list[bytes] = []
+    start = 1
+    while (found := block.find(b"\n1\t", start - 1)) >= 0:
+        plain.append(block[start:found + 1])
+        start = block.index(b"\n", found + 1) + 1
+        pressured.append(block[found + 1:start])
+    if not pressured:
+        return block[1:], pressured
+    plain.append(block[start:])
+    return b"".join(plain), pressured
 
 
 # A block of COPY rows with none of these bytes has no NULL (``\N``), no escape, nothing
 # JSON must escape: each row's columns go into the NDJSON line as they are, the whole block
 # at once (:class:`_Lines`). A block with any of them takes :func:`_careful_line`.
-_NEEDS_CARE = re.compile(rb'[\x00-\x08\x0b-\x1f"\\]')
+_NEEDS_CARE = bytes(range(0x00, 0x09)) + bytes(range(0x0b, 0x20)) + b'"\\'
+
+
+def _is_plain(block: bytes) -> bool:
+    """True if the block holds none of :data:`_NEEDS_CARE` (``bytes.translate`` deleting
+    them: four times as fast as a regular expression's search)."""
+    return len(block.translate(None, _NEEDS_CARE)) == len(block)
+
+
 _COPY_ESCAPES = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
 _COPY_ESCAPE = re.compile(rb"\\(.)")
 

@@ -5,7 +5,8 @@ connection.
   pass: exactly the members the paginated export (row by row) lists, and nobody twice.
 * A large batch decision reads its two halves on two connections at once: every answer is
   the answer to the same question asked alone.
-* Connections run without JIT and keep the options of their URL."""
+* Connections run without JIT and keep the options of their URL.
+* A COPY read in part, or failing mid-way, leaves its connection usable."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from datetime import timedelta
 
 import orjson
 import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import DataError
 
 from portal import fast_rows
 from portal.db import make_engine, new_session, utcnow
 from portal.models.consent import ContactRule, Dispatch
+from portal.models.customer import Customer
 from portal.services.accounts import create_customer
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof, record_consent
@@ -120,3 +124,40 @@ def test_connections_run_without_jit_and_keep_the_options_of_their_url(tmp_path)
                 assert conn.exec_driver_sql("SELECT count(*) FROM topics").scalar_one() > 0
         finally:
             engine.dispose()
+
+
+def test_a_copy_read_in_part_or_failing_leaves_the_connection_usable(live):
+    """The export reads COPY from libpq itself: a client that goes away mid-stream, or a row
+    that fails mid-COPY, must leave the connection usable (no "another command is already in
+    progress"), back in the pool, not invalidated."""
+    client, headers = live
+    app = client.application
+    session = new_session(app)
+    try:
+        ids = select(Customer.public_id).order_by(Customer.id)
+        with session.begin():
+            blocks = fast_rows.copy_out(session, ids, None, block_bytes=1)
+            first = next(blocks)
+            assert first.count(b"\n") == 1 and first.startswith(b"cus_")
+            blocks.close()  # the reader stops after one row of 120
+        with session.begin():
+            assert session.scalar(select(func.count()).select_from(Customer)) == 120
+            every = b"".join(fast_rows.copy_out(session, ids, None, block_bytes=100))
+            assert every.count(b"\n") == 120
+        # a division by zero on the 60th row, after 59 rows were sent
+        with session.begin():
+            sixtieth = session.scalars(select(Customer.id).order_by(Customer.id))
+            sixtieth = list(sixtieth)[59]
+        failing = select(Customer.public_id, func.div(1, Customer.id - sixtieth)
+                         ).order_by(Customer.id)
+        with pytest.raises(DataError, match="division by zero"), session.begin():
+            for _ in fast_rows.copy_out(session, failing, None, block_bytes=1):
+                pass
+        with session.begin():
+            assert session.scalar(select(func.count()).select_from(Customer)) == 120
+    finally:
+        session.close()
+    # and the app still answers through the pool
+    r = client.get("/api/v1/audiences/newsletter/email",
+                   headers={**headers, "Accept": "application/x-ndjson"})
+    assert r.status_code == 200 and r.data.count(b"\n") > 50

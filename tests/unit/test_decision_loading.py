@@ -5,6 +5,7 @@ SQL pre-filter never drops a person decide() allows nor lets in one it denies.""
 from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
+from functools import partial
 
 import orjson
 import pytest
@@ -139,6 +140,7 @@ def test_audience_prefilter_keeps_exactly_whom_decide_allows(session, people, to
     assert allowed  # each case lets someone through, so the comparison means something
 
 
+@pytest.mark.parametrize("block_bytes", [None, 150])
 @pytest.mark.parametrize("odd_addresses", [False, True])
 @pytest.mark.parametrize(("topic", "channel"), [
     ("newsletter", "email"),  # marketing: granted choices only
@@ -148,11 +150,18 @@ def test_audience_prefilter_keeps_exactly_whom_decide_allows(session, people, to
     ("account", "sms"),       # required
 ])
 def test_ndjson_export_writes_exactly_the_lines_of_the_row_by_row_export(
-        session, people, topic, channel, odd_addresses):
+        session, people, topic, channel, odd_addresses, block_bytes, monkeypatch):
     """On PostgreSQL the export writes most lines in SQL, from decide()'s verdict per shape of
     facts; they must be, byte for byte, the lines the row-by-row path writes with
     :meth:`Member.as_json`: plain rows (one pattern over a whole block) and, with
-    ``odd_addresses``, addresses JSON must escape and a missing locale (line by line)."""
+    ``odd_addresses``, addresses JSON must escape and a missing locale (line by line).
+    ``block_bytes`` 150 cuts COPY's output into blocks of two or three rows, so people under
+    contact pressure come first, last, alone or between others in a block."""
+    if block_bytes is not None:
+        if session.get_bind().dialect.name != "postgresql":
+            pytest.skip("COPY blocks: PostgreSQL only")
+        monkeypatch.setattr(audiences, "copy_out", partial(audiences.copy_out,
+                                                           block_bytes=block_bytes))
     catalog = get_catalog(session)
     proof = Proof("portal", "test")
     for customer in people.values():
