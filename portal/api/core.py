@@ -71,17 +71,29 @@ def unauthorized(detail: str) -> Response:
     return response
 
 
+def _bearer() -> str | None:
+    """The key of ``Authorization: Bearer <key>``, or None."""
+    scheme, _, raw = request.headers.get("Authorization", "").partition(" ")
+    return raw.strip() if scheme.lower() == "bearer" and raw.strip() else None
+
+
 def _authenticate(scopes: tuple[str, ...]) -> Response | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, raw = header.partition(" ")
-    if scheme.lower() != "bearer" or not raw.strip():
+    raw = _bearer()
+    if raw is None:
         return unauthorized("Send Authorization: Bearer <key>.")
     session = get_session()
     if session.adopts_reads:  # the view continues this transaction (see RequestSession)
-        key = api_keys.authenticate(session, raw.strip())
+        key = api_keys.authenticate(session, raw)
     else:
         with session.begin():
-            key = api_keys.authenticate(session, raw.strip())
+            key = api_keys.authenticate(session, raw)
+    return _admit(key, scopes)
+
+
+def _admit(key: api_keys.Caller | None, scopes: tuple[str, ...]) -> Response | None:
+    """After the key was read: 401 if there is none, 403 without the scope, 429 over the rate
+    limit; otherwise None, the key's use recorded (once a minute) and ``g.api_key`` set."""
+    session = get_session()
     if key is not None and api_keys.needs_touch(key):
         try:
             with session.begin():
@@ -106,6 +118,26 @@ def _authenticate(scopes: tuple[str, ...]) -> Response | None:
         response.headers["Retry-After"] = str(wait)
         return response
     return None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """For an operation that reads the caller's key in its own first statement
+    (``key_in_view``): what that statement needs (:data:`api_keys.KEY_GUARD` and its
+    parameters), and :meth:`admit` to call with what it found before answering anything
+    else. The answers are those of any other operation, in the same order: 401, 403 and 429
+    before the view's own."""
+
+    raw: str
+    scopes: tuple[str, ...]
+    guard = api_keys.KEY_GUARD
+
+    @property
+    def guard_params(self) -> dict[str, str]:
+        return api_keys.guard_params(self.raw)
+
+    def admit(self, guarded: list[dict[str, Any]]) -> Response | None:
+        return _admit(api_keys.caller_of(guarded), self.scopes)
 
 
 @contextmanager
@@ -164,8 +196,13 @@ class Api:
            scopes: tuple[str, ...] = (), body: Obj | None = None, query: Obj | None = None,
            responses: dict[int, tuple[str, dict[str, Any] | None]] | None = None,
            description: str = "", media: dict[str, str] | None = None,
-           headers: Obj | None = None, read_only: bool = False
+           headers: Obj | None = None, read_only: bool = False, key_in_view: bool = False
            ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Register a view as an operation. ``key_in_view``: the view reads the caller's key
+        itself, in its first statement, and receives an :class:`Admission` (``admission``)
+        to call before anything else; a request whose key is missing or malformed, or whose
+        arguments are invalid, is authenticated here as usual instead."""
+        assert not key_in_view or scopes, "key_in_view needs scopes"
         def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
             operation = Operation(method, self.prefix + rule, f"{self.bp.name}.{view.__name__}",
                                   summary, tag, scopes, body, query, responses or {},
@@ -184,12 +221,32 @@ class Api:
             def answer(**path: Any) -> Any:
                 if read_only:
                     read_outside_transactions(get_session())
-                with timed("auth"):
-                    denied = _authenticate(scopes) if scopes else None
-                if denied is not None:
-                    return denied
-                if read_only:  # again: recording the key's use (once a minute) committed
-                    read_outside_transactions(get_session())
+                raw = _bearer() if key_in_view else None
+                deferred = raw is not None and api_keys.well_formed(raw)
+                if not deferred:
+                    with timed("auth"):
+                        denied = _authenticate(scopes) if scopes else None
+                    if denied is not None:
+                        return denied
+                    if read_only:  # again: recording the key's use (once a minute) committed
+                        read_outside_transactions(get_session())
+                kwargs = arguments(path)
+                if isinstance(kwargs, Response):
+                    # the key first, as for any operation: 401/403/429 before 404/422
+                    return (_authenticate(scopes) or kwargs) if deferred else kwargs
+                if deferred:
+                    assert raw is not None
+                    kwargs["admission"] = Admission(raw, scopes)
+                result = view(**kwargs)
+                if isinstance(result, tuple) and isinstance(result[0], dict | list):
+                    return (jsonify(result[0]), *result[1:])
+                if isinstance(result, dict | list):
+                    return jsonify(result)
+                return result
+
+            def arguments(path: dict[str, Any]) -> dict[str, Any] | Response:
+                """The view's arguments from the path, the query and the body, or the
+                problem with them."""
                 if any(isinstance(v, str) and ("\x00" in v or len(v) > 255)
                        for v in path.values()):
                     return not_found("no such resource")
@@ -205,12 +262,7 @@ class Api:
                     if isinstance(parsed, Response):
                         return parsed
                     kwargs["body"] = parsed
-                result = view(**kwargs)
-                if isinstance(result, tuple) and isinstance(result[0], dict | list):
-                    return (jsonify(result[0]), *result[1:])
-                if isinstance(result, dict | list):
-                    return jsonify(result)
-                return result
+                return kwargs
 
             self.bp.add_url_rule(rule, view.__name__, wrapper, methods=[method])
             return wrapper

@@ -17,7 +17,7 @@ from portal.api.common import (
     default_timezone,
     obj,
 )
-from portal.api.core import fast_json, not_found, timed, unprocessable
+from portal.api.core import Admission, fast_json, not_found, timed, unprocessable
 from portal.api.schema import Int, Obj, Str
 from portal.api.schemas import BatchRequest, DecisionRequest, DispatchRequest
 from portal.db import get_session, utcnow
@@ -31,17 +31,21 @@ NDJSON = "application/x-ndjson"
 
 @api.op("POST", "/decisions", summary="May we send this topic to this person on this "
         "channel now?", tag="Decisions", scopes=("decisions:read",), body=DecisionRequest,
-        read_only=True,
+        read_only=True, key_in_view=True,
         responses={200: ("The decision, with its evidence.", DECISION_SCHEMA)})
-def decision(body: dict[str, Any]) -> Any:
+def decision(body: dict[str, Any], admission: Admission) -> Any:
     """Answers send, deny or defer with a stable reason code and the consent event that
     justifies it. ``explain`` adds the rules evaluated, in order."""
+    # The caller's key is read in the decision's own statement: one round trip in all.
     session = get_session()
     with session.begin():
-        result = identity.decide_about(session, catalog(session), body["customer"],
-                                       body["topic"], body["channel"],
-                                       at_or_now(body.get("at")),
-                                       default_timezone=default_timezone())
+        result, key = identity.decide_about(
+            session, catalog(session), body["customer"], body["topic"], body["channel"],
+            at_or_now(body.get("at")), default_timezone=default_timezone(),
+            guard=admission.guard, guard_params=admission.guard_params)
+    denied = admission.admit(key)
+    if denied is not None:
+        return denied
     return fast_json(decision_json(result, body.get("explain", False)))
 
 

@@ -531,49 +531,98 @@ _PERSON_TAIL = (Customer.public_id, Customer.email, Customer.phone, Customer.pos
                 Customer.locale, Customer.timezone, Customer.erased_at)
 
 
+@dataclass(frozen=True, eq=False)
+class Guard:
+    """A condition the single-decision statement checks before it looks anyone up, with rows
+    it returns about that condition, in the same round trip. The API passes the caller's key:
+    the key is read with the decision, and nobody is looked up for a key that does not
+    exist. ``rows`` labels its columns after those of the statement it joins (``customer_id``,
+    ``topic_key``, ``source``, ``occurred_at``...: any of :func:`_fact_branches` or
+    :data:`_PERSON_TAIL`); the others are NULL. Compared by identity: one instance per
+    purpose, built once, so that the statement is built once too."""
+
+    holds: ColumnElement[bool]
+    rows: Select[Any]
+
+
 @cache
-def _person_with_facts(dialect: str, lookup: str) -> Any:
+def _person_with_facts(dialect: str, lookup: str, guard: Guard | None = None) -> Any:
     """One statement for one decision: the customer whose ``lookup`` column (public id,
-    email or phone) is ``:value`` (the survivor, if that record was merged) and their facts.
+    email or phone) is ``:value`` (the survivor, if that record was merged) and their facts,
+    and with a ``guard``, its rows (kind ``g``), the customer looked up only if it holds.
     Key, person and facts were three statements, each a round trip and ~100 µs of the
-    client's CPU; this makes them two."""
+    client's CPU; this makes them one."""
     asked = aliased(Customer, name="asked")
-    person = select(func.coalesce(asked.merged_into_id, asked.id).label("id")).where(
-        getattr(asked, lookup) == bindparam("value")).cte("person")
+    found = select(func.coalesce(asked.merged_into_id, asked.id).label("id")).where(
+        getattr(asked, lookup) == bindparam("value"))
+    if guard is not None:
+        found = found.where(guard.holds)
+    person = found.cte("person")
     person_id = select(person.c.id).scalar_subquery()
     states, suppressions, rules = _fact_branches()
     pad = [_none(column.type).label(column.key) for column in _PERSON_TAIL]
+    layout = [*(column.name for column in states.selected_columns),
+              *(column.key for column in _PERSON_TAIL)]
+    types = [*(column.type for column in states.selected_columns),
+             *(column.type for column in _PERSON_TAIL)]
     the_person = select(
         literal_column("'p'").label("kind"), Customer.id.label("customer_id"),
         *(_none(column.type).label(column.name) for column in list(states.selected_columns)[2:]),
         *_PERSON_TAIL,
     ).where(Customer.id == person_id)
-    return union_all(
+    branches = [
         the_person,
         states.where(ConsentState.customer_id == person_id).add_columns(*pad),
         suppressions.where(Suppression.customer_id == person_id).add_columns(*pad),
-        rules.where(ContactRule.customer_id == person_id).add_columns(*pad))
+        rules.where(ContactRule.customer_id == person_id).add_columns(*pad)]
+    if guard is not None:
+        given = {column.name: column for column in guard.rows.selected_columns}
+        assert set(given) <= set(layout) - {"kind"}, set(given) - set(layout)
+        branches.append(guard.rows.with_only_columns(
+            literal_column("'g'").label("kind"),
+            *(given[name].label(name) if name in given else _none(type_).label(name)
+              for name, type_ in zip(layout[1:], types[1:], strict=True))))
+    return union_all(*branches)
+
+
+def guard_row(row: tuple[Any, ...], guard: Guard) -> dict[str, Any]:
+    """A row of kind ``g`` of :func:`_person_with_facts`, as {label: value} of the guard's
+    columns."""
+    return {name: row[index] for name, index in _guard_positions(guard)}
+
+
+@cache
+def _guard_positions(guard: Guard) -> tuple[tuple[str, int], ...]:
+    names = [*(column.name for column in _fact_branches()[0].selected_columns),
+             *(column.key for column in _PERSON_TAIL)]
+    return tuple((column.name, names.index(column.name))
+                 for column in guard.rows.selected_columns)
 
 
 def decide_one(session: Session, catalog: Catalog, lookup: str, value: Any, topic_key: str,
-               channel: str, at: datetime, *, default_timezone: str = "UTC"
-               ) -> tuple[Person | None, Decision]:
+               channel: str, at: datetime, *, default_timezone: str = "UTC",
+               guard: Guard | None = None, guard_params: dict[str, Any] | None = None
+               ) -> tuple[Person | None, Decision, list[dict[str, Any]]]:
     """The single decision: the person found by ``lookup`` = ``value`` and the answer for
-    (topic, channel), from one statement (:func:`_person_with_facts`). Answers exactly what
+    (topic, channel), from one statement (:func:`_person_with_facts`), with the rows of the
+    ``guard`` if one is given (nobody is found if it does not hold). Answers exactly what
     :func:`decide_many` answers for the same question."""
     session.flush()  # plain-row reads below do not autoflush pending ORM changes
-    rows = fetch_rows(session, _person_with_facts(session.get_bind().dialect.name, lookup),
-                      {"value": value})
+    rows = fetch_rows(session, _person_with_facts(session.get_bind().dialect.name, lookup,
+                                                  guard),
+                      {"value": value, **(guard_params or {})})
+    guarded = [] if guard is None else [guard_row(row, guard) for row in rows
+                                          if row[0] == "g"]
     topic = catalog.get(topic_key)
     people = [PersonRow._make((row[1], *row[12:19], None)) for row in rows if row[0] == "p"]
     if not people:
-        return None, decide(topic, channel, None, at)
+        return None, decide(topic, channel, None, at), guarded
     person = people[0]
     key = (person.id, topic_key, channel)
     facts = _facts_from_rows(session, {person.id: person}, {(topic_key, channel)}, [key],
-                             [row[:12] for row in rows if row[0] != "p"], at,
+                             [row[:12] for row in rows if row[0] in "sxr"], at,
                              default_timezone=default_timezone)
-    return person, decide(topic, channel, facts[key], at)
+    return person, decide(topic, channel, facts[key], at), guarded
 
 
 def contact_for(customer: Person, channel: str) -> dict[str, Any] | None:

@@ -28,9 +28,11 @@ from portal.services.consent import ConsentError, Proof, record_consent
 from portal.services.decisions import (
     PERSON_COLUMNS,
     Decision,
+    Guard,
     Person,
     PersonRow,
     among,
+    decide,
     decide_many,
     decide_one,
     restrict_to,
@@ -186,18 +188,30 @@ def resolve_people(session: Session, refs: Sequence[dict[str, Any]]) -> list[Per
 
 
 def decide_about(session: Session, catalog: Catalog, ref: dict[str, Any], topic_key: str,
-                 channel: str, at: datetime, *, default_timezone: str = "UTC") -> Decision:
-    """The single decision about the customer ``ref`` names: with an identifier held on the
-    customer row, the person and their facts in one statement (:func:`decide_one`); with a
-    member number or an external id, found first, then decided."""
+                 channel: str, at: datetime, *, default_timezone: str = "UTC",
+                 guard: Guard | None = None, guard_params: dict[str, Any] | None = None
+                 ) -> tuple[Decision, list[dict[str, Any]]]:
+    """The single decision about the customer ``ref`` names, and the rows of the ``guard``
+    (see :class:`~portal.services.decisions.Guard`): with an identifier held on the customer
+    row, guard, person and facts in one statement (:func:`decide_one`); with a member number
+    or an external id, the guard first (nobody is looked up unless it holds), then the
+    customer, then the decision."""
     lookup = column_lookup(ref)
     if lookup is not None:
-        return decide_one(session, catalog, *lookup, topic_key, channel, at,
-                          default_timezone=default_timezone)[1]
+        _, decision, guarded = decide_one(session, catalog, *lookup, topic_key, channel, at,
+                                          default_timezone=default_timezone, guard=guard,
+                                          guard_params=guard_params)
+        return decision, guarded
+    guarded = []
+    if guard is not None:
+        guarded = [dict(zip(guard.rows.selected_columns.keys(), row, strict=True))
+                   for row in fetch_rows(session, guard.rows, guard_params)]
+        if not guarded:
+            return decide(catalog.get(topic_key), channel, None, at), guarded
     [customer] = resolve_people(session, [ref])
     [result] = decide_many(session, catalog, [(customer, topic_key, channel)], at,
                            default_timezone=default_timezone)
-    return result
+    return result, guarded
 
 
 def _load_following_merges(session: Session, ids: set[int]) -> dict[int, Customer]:

@@ -124,6 +124,51 @@ def test_revoked_key_fails_at_once_and_use_is_recorded_cheaply(app, client):
     assert r.status_code == 401
 
 
+@pytest.mark.parametrize("customer", [{"email": "known@example.com"},
+                                      {"external_id": {"namespace": "crm", "value": "42"}}])
+def test_a_decision_reads_its_key_with_the_decision_and_answers_as_any_operation(
+        app, client, customer):
+    """A single decision reads the caller's key in its own statement; what the caller sees
+    is what every operation answers: 401 for no key, an unknown or a revoked one, whatever
+    the body; 403 without the scope; 422 for a bad body only with a good key; the use of
+    the key recorded."""
+    from portal.models.customer import ExternalId
+    from portal.services import api_keys
+    from portal.services.accounts import create_customer
+
+    session = new_session(app)
+    with session.begin():
+        person = create_customer(session, "known@example.com")
+        session.add(ExternalId(customer_id=person.id, namespace="crm", value="42"))
+    session.close()
+    good = {"customer": customer, "topic": "account", "channel": "email"}
+    key = make_key(app, "decisions:read", name="sender")
+    other = make_key(app, "events:read", name="reader")
+
+    def post(secret, body):
+        headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+        return client.post("/api/v1/decisions", json=body, headers=headers)
+
+    for secret in (None, "carnet_" + "x" * 43, "not-a-key"):
+        for body in (good, {"topic": ""}):
+            r = post(secret, body)
+            assert r.status_code == 401, (secret, body, r.get_json())
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    r = post(other, good)
+    assert r.status_code == 403 and r.get_json()["required_scopes"] == ["decisions:read"]
+    assert post(other, {"topic": ""}).status_code == 403
+    assert post(key, {"topic": ""}).status_code == 422
+    r = post(key, good)
+    assert r.status_code == 200 and r.get_json()["reason"] == "required_service"
+    assert r.get_json()["contact"] == {"email": "known@example.com"}
+    session = new_session(app)
+    with session.begin():
+        assert session.query(ApiKey).filter_by(name="sender").one().last_used_at is not None
+        api_keys.revoke_key(session, "sender")
+    session.close()
+    assert post(key, good).status_code == 401
+
+
 def test_rate_limit_per_key_answers_429_with_retry_after(connection, tmp_path):
     from portal import create_app
     from tests.conftest import app_config

@@ -210,9 +210,39 @@ def test_a_single_decision_in_one_statement_answers_as_the_bulk_path(session, pe
         assert lookup is not None
         [person] = identity.resolve_people(session, [ref])
         for topic, channel in PAIRS:
-            found, one = decide_one(session, catalog, *lookup, topic, channel, AT)
+            found, one, _ = decide_one(session, catalog, *lookup, topic, channel, AT)
             [many] = decide_many(session, catalog, [(person, topic, channel)], AT)
             assert answers([one]) == answers([many]), (ref, topic, channel)
             assert (found.id if found else None) == (person.id if person else None)
     [survivor] = identity.resolve_people(session, [{"email": "merged@example.com"}])
     assert survivor.id == people["paused"].id
+
+
+def test_a_guarded_single_decision_looks_nobody_up_unless_the_guard_holds(session, people):
+    """The API reads the caller's key in the decision's statement (``KEY_GUARD``): with a live
+    key the answer is the unguarded one, with the key's row beside it; with an unknown or a
+    revoked key nobody is looked up, so the statement's work does not depend on who is a
+    customer."""
+    from portal.services import api_keys
+
+    catalog = get_catalog(session)
+    made = api_keys.create_key(session, "guarded", ["decisions:read"])
+    session.flush()
+    lookup = ("email", "granted@example.com")
+    plain, alone, none = decide_one(session, catalog, *lookup, "newsletter", "email", AT)
+    assert none == [] and alone.reason == "consented"
+    found, guarded, rows = decide_one(
+        session, catalog, *lookup, "newsletter", "email", AT, guard=api_keys.KEY_GUARD,
+        guard_params=api_keys.guard_params(made.secret))
+    assert found == plain and answers([guarded]) == answers([alone])
+    caller = api_keys.caller_of(rows)
+    assert caller is not None and caller.id == made.key.id and caller.name == "guarded"
+    assert caller.scopes == ["decisions:read"]
+    for secret in ("carnet_unknown", made.secret):
+        if secret == made.secret:
+            api_keys.revoke_key(session, "guarded")
+            session.flush()
+        found, denied, rows = decide_one(
+            session, catalog, *lookup, "newsletter", "email", AT, guard=api_keys.KEY_GUARD,
+            guard_params=api_keys.guard_params(secret))
+        assert (found, denied.reason, rows) == (None, "unknown_customer", [])
