@@ -24,7 +24,6 @@ from portal.db import get_session, utcnow
 from portal.models.catalog import CHANNELS
 from portal.models.consent import Dispatch
 from portal.services import audiences, identity
-from portal.services.decisions import decide_many
 
 NDJSON = "application/x-ndjson"
 
@@ -57,14 +56,11 @@ def batch(body: dict[str, Any]) -> Any:
     """Computed with a constant number of queries whatever the number of items."""
     session = get_session()
     items = body["items"]
-    with session.begin():
-        with timed("resolve"):
-            customers = identity.resolve_people(session, [i["customer"] for i in items])
-        with timed("decide"):
-            results = decide_many(
-                session, catalog(session),
-                [(c, i["topic"], i["channel"]) for c, i in zip(customers, items, strict=True)],
-                at_or_now(body.get("at")), default_timezone=default_timezone())
+    with session.begin(), timed("decide"):
+        results = identity.decide_batch(
+            session, catalog(session),
+            [(i["customer"], i["topic"], i["channel"]) for i in items],
+            at_or_now(body.get("at")), default_timezone=default_timezone())
     explain = body.get("explain", False)
     return fast_json({"results": [decision_json(r, explain) for r in results]})
 

@@ -585,6 +585,74 @@ def _person_with_facts(dialect: str, lookup: str, guard: Guard | None = None) ->
     return union_all(*branches)
 
 
+def _restrict_to_ids(dialect: str, query: Select[Any], column: Any, ids: Any) -> Select[Any]:
+    """``query`` restricted to rows whose ``column`` is among ``ids.c.id`` (a CTE): on
+    PostgreSQL one index probe per id through a fenced LATERAL join, as :func:`restrict_to`,
+    since the planner cannot estimate the CTE's size; elsewhere ``IN (SELECT id ...)``."""
+    if dialect != "postgresql":
+        return query.where(column.in_(select(ids.c.id)))
+    inner = query.where(column == ids.c.id).offset(0).lateral(f"{ids.name}_rows")
+    return select(*inner.c).select_from(ids).join(inner, true())
+
+
+@cache
+def _people_with_facts(dialect: str, lookup: str) -> Any:
+    """The bulk counterpart of :func:`_person_with_facts`, for a batch: for every value of
+    ``:values`` in the ``lookup`` column (public id, email or phone), the customer found (kind
+    ``p``: person columns, the value in ``source``, ``merged_into_id`` in ``id``), the
+    survivors of merged ones (kind ``m``), and the facts of the people decisions are about.
+    One statement where resolving and then reading the facts were two, each a round trip per
+    half of the batch and the ids sent back to the server."""
+    column = getattr(Customer, lookup)
+    asked = restrict_to(dialect, select(*PERSON_COLUMNS, column.label("looked_up")), column,
+                        "values").cte("asked")
+    ids = select(func.coalesce(asked.c.merged_into_id, asked.c.id).label("id")).distinct(
+        ).cte("ids")
+    merged = select(asked.c.merged_into_id.label("id")).where(
+        asked.c.merged_into_id.is_not(None)).distinct().cte("merged")
+    states, suppressions, rules = _fact_branches()
+    pad = [_none(column.type).label(column.key) for column in _PERSON_TAIL]
+    none = {column.name: _none(column.type).label(column.name)
+            for column in states.selected_columns}
+    tail = [asked.c[column.key] for column in _PERSON_TAIL]
+    found = select(
+        literal_column("'p'").label("kind"), asked.c.id.label("customer_id"),
+        none["topic_key"], none["channel"], asked.c.merged_into_id.label("id"),
+        none["occurred_at"], cast(asked.c.looked_up, String).label("source"),
+        *(none[name] for name in ("wording_version", "state", "max_per_week", "quiet_start",
+                                  "quiet_end")), *tail)
+    survivors = _restrict_to_ids(dialect, select(
+        literal_column("'m'").label("kind"), Customer.id.label("customer_id"),
+        *(none[column.name] for column in list(states.selected_columns)[2:]),
+        *_PERSON_TAIL), Customer.id, merged)
+    return union_all(
+        found, survivors,
+        _restrict_to_ids(dialect, states.add_columns(*pad), ConsentState.customer_id, ids),
+        _restrict_to_ids(dialect, suppressions.add_columns(*pad), Suppression.customer_id, ids),
+        _restrict_to_ids(dialect, rules.add_columns(*pad), ContactRule.customer_id, ids))
+
+
+def people_with_facts(session: Session, lookup: str, values: list[Any]
+                      ) -> tuple[dict[Any, PersonRow], list[tuple[Any, ...]]]:
+    """For a batch: {value: the person decisions are about (the survivor if that record was
+    merged)} for the values of the ``lookup`` column found, and the rows of their facts for
+    :func:`decide_many`, from one statement (:func:`_people_with_facts`), read in two halves
+    on two connections for long lists (:func:`fetch_rows_split`)."""
+    session.flush()  # plain-row reads below do not autoflush pending ORM changes
+    rows = fetch_rows_split(session, _people_with_facts(session.get_bind().dialect.name,
+                                                        lookup), {"values": values}, "values")
+    survivors = {row[1]: PersonRow._make((row[1], *row[12:19], None)) for row in rows
+                 if row[0] == "m"}
+    people: dict[Any, PersonRow] = {}
+    for row in rows:
+        if row[0] == "p":
+            merged_into = row[4]
+            people[row[6]] = (survivors[merged_into] if merged_into is not None
+                              and merged_into in survivors
+                              else PersonRow._make((row[1], *row[12:19], merged_into)))
+    return people, [row[:12] for row in rows if row[0] in "sxr"]
+
+
 def guard_row(row: tuple[Any, ...], guard: Guard) -> dict[str, Any]:
     """A row of kind ``g`` of :func:`_person_with_facts`, as {label: value} of the guard's
     columns."""
@@ -677,14 +745,19 @@ def _load_facts(
     """Facts for exactly the ``wanted`` (customer id, topic, channel) keys."""
     if not by_id or not pairs:
         return {}
-    session.flush()  # plain-row reads below do not autoflush pending ORM changes
-    one = len(by_id) == 1
-    query = _fact_queries(session.get_bind().dialect.name, one)["facts"]
-    params = {"ids": next(iter(by_id)) if one else list(by_id)}
-    rows = (fetch_rows(session, query, params) if one
-            else fetch_rows_split(session, query, params, "ids"))
-    return _facts_from_rows(session, by_id, pairs, wanted, rows, at,
+    return _facts_from_rows(session, by_id, pairs, wanted, fact_rows_of(session, by_id), at,
                             default_timezone=default_timezone)
+
+
+def fact_rows_of(session: Session, ids: Collection[int]) -> list[tuple[Any, ...]]:
+    """The rows of every fact of these customers (:func:`_fact_branches`)."""
+    if not ids:
+        return []
+    session.flush()  # plain-row reads below do not autoflush pending ORM changes
+    one = len(ids) == 1
+    query = _fact_queries(session.get_bind().dialect.name, one)["facts"]
+    return (fetch_rows(session, query, {"ids": next(iter(ids))}) if one
+            else fetch_rows_split(session, query, {"ids": list(ids)}, "ids"))
 
 
 def _facts_from_rows(
@@ -794,9 +867,12 @@ def decide_many(
     *,
     default_timezone: str = "UTC",
     delivery: bool = True,
+    fact_rows: list[tuple[Any, ...]] | None = None,
 ) -> list[Decision]:
     """Decide a list of (customer, topic, channel) questions, answers in the same order.
-    Facts are loaded for the questions asked, not for every customer × every pair."""
+    Facts are loaded for the questions asked, not for every customer × every pair; or, with
+    ``fact_rows``, taken from those rows of the fact branches, which must hold every fact of
+    every customer asked about (:func:`people_with_facts`)."""
     customers: dict[int, Person] = {}
     pairs: set[tuple[str, str]] = set()
     wanted: list[tuple[int, str, str]] = []
@@ -805,8 +881,12 @@ def decide_many(
             customers[c.id] = c
             pairs.add((t, ch))
             wanted.append((c.id, t, ch))
-    facts = _load_facts(session, customers, pairs, wanted, at,
-                        default_timezone=default_timezone)
+    if fact_rows is None:
+        facts = _load_facts(session, customers, pairs, wanted, at,
+                            default_timezone=default_timezone)
+    else:
+        facts = _facts_from_rows(session, customers, pairs, wanted, fact_rows, at,
+                                 default_timezone=default_timezone) if customers else {}
     get_topic, get_facts = catalog.get, facts.get
     decider = Decider(at, delivery=delivery).decide
     return [

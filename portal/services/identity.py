@@ -35,6 +35,8 @@ from portal.services.decisions import (
     decide,
     decide_many,
     decide_one,
+    fact_rows_of,
+    people_with_facts,
     restrict_to,
 )
 
@@ -185,6 +187,39 @@ def resolve_people(session: Session, refs: Sequence[dict[str, Any]]) -> list[Per
         people = {key: survivors.get(row.merged_into_id, row) if row.merged_into_id else row
                   for key, row in people.items()}
     return [people.get(key) if key else None for key in keys]
+
+
+def decide_batch(session: Session, catalog: Catalog,
+                 questions: Sequence[tuple[dict[str, Any], str, str]], at: datetime, *,
+                 default_timezone: str = "UTC") -> list[Decision]:
+    """Decisions for (identifier object, topic, channel) questions, in order. People named by
+    id, email or phone are found with their facts in one statement per kind of identifier
+    (:func:`~portal.services.decisions.people_with_facts`); member numbers and external ids
+    are resolved first, then their facts read. A constant number of statements whatever the
+    number of questions."""
+    keys = [_lookup_key(ref) if ref else None for ref in (q[0] for q in questions)]
+    by_kind: dict[str, set[Any]] = {}
+    for key in keys:
+        if key is not None and key[0] in LOOKUP_COLUMNS:
+            by_kind.setdefault(key[0], set()).add(key[1])
+    people: dict[tuple[str, Any], Person] = {}
+    fact_rows: list[tuple[Any, ...]] = []
+    for kind, values in by_kind.items():
+        found, rows = people_with_facts(session, LOOKUP_COLUMNS[kind].key, list(values))
+        people.update(((kind, value), person) for value, person in found.items())
+        fact_rows += rows
+    elsewhere = [q[0] for q, key in zip(questions, keys, strict=True)
+                 if key is not None and key[0] not in LOOKUP_COLUMNS]
+    if elsewhere:
+        resolved = resolve_people(session, elsewhere)
+        people.update((_lookup_key(ref), person) for ref, person
+                      in zip(elsewhere, resolved, strict=True) if person is not None)
+        fact_rows += fact_rows_of(session, {p.id for p in resolved if p is not None})
+    return decide_many(
+        session, catalog,
+        [(people.get(key) if key is not None else None, topic, channel)
+         for key, (_, topic, channel) in zip(keys, questions, strict=True)],
+        at, default_timezone=default_timezone, fact_rows=fact_rows)
 
 
 def decide_about(session: Session, catalog: Catalog, ref: dict[str, Any], topic_key: str,

@@ -246,3 +246,35 @@ def test_a_guarded_single_decision_looks_nobody_up_unless_the_guard_holds(sessio
             session, catalog, *lookup, "newsletter", "email", AT, guard=api_keys.KEY_GUARD,
             guard_params=api_keys.guard_params(secret))
         assert (found, denied.reason, rows) == (None, "unknown_customer", [])
+
+
+def test_a_batch_finds_people_with_their_facts_and_answers_as_single_decisions(session,
+                                                                               people):
+    """decide_batch() finds people and reads their facts in one statement per kind of
+    identifier: by public id, email, phone or external id, for merged records (their
+    survivor), unknown people and repeated questions, each answer is the single decision's."""
+    from portal.models.customer import ExternalId
+
+    catalog = get_catalog(session)
+    merged = create_customer(session, "merged@example.com", phone="+33699999999")
+    identity.merge(session, catalog, people["paused"], merged, "test")
+    session.add(ExternalId(customer_id=people["granted"].id, namespace="crm", value="G"))
+    session.add(ExternalId(customer_id=merged.id, namespace="crm", value="M"))
+    session.flush()
+    refs = [{"email": f"{n.upper()}@Example.com"} for n in [*people, "merged"]] + [
+        {"id": c.public_id} for c in [*people.values(), merged]] + [
+        {"phone": "+33 6 11 11 11 11"}, {"phone": "+33699999999"},
+        {"external_id": {"namespace": "crm", "value": "G"}},
+        {"external_id": {"namespace": "crm", "value": "M"}},
+        {"external_id": {"namespace": "crm", "value": "nobody"}},
+        {"email": "nobody@example.com"}, {"id": "cus_nobody"}]
+    questions = [(ref, topic, channel) for ref in refs for topic, channel in PAIRS]
+    together = identity.decide_batch(session, catalog, questions + questions[:7], AT)
+    assert len(together) == len(questions) + 7
+    for (ref, topic, channel), answer in zip(questions + questions[:7], together,
+                                             strict=True):
+        alone, _ = identity.decide_about(session, catalog, ref, topic, channel, AT)
+        assert answers([answer]) == answers([alone]), (ref, topic, channel)
+    reasons = {answer.reason for answer in together}
+    assert {"consented", "withdrawn", "marketing_paused", "unknown_customer",
+            "suppressed", "frequency_cap"} <= reasons
