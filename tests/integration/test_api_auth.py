@@ -184,6 +184,17 @@ def test_rate_limit_per_key_answers_429_with_retry_after(connection, tmp_path):
     assert r.get_json()["type"].endswith("/rate-limited")
     assert client.get("/api/v1/events",
                       headers={"Authorization": f"Bearer {b}"}).status_code == 200
+    # a single decision reads its key in its own statement: the same limit, the same answer,
+    # whether the body is valid or not
+    sender = make_key(app, "decisions:read", name="sender")
+    body = {"customer": {"email": "x@example.com"}, "topic": "account", "channel": "email"}
+    codes = [client.post("/api/v1/decisions", json=body if i % 2 else {"topic": ""},
+                         headers={"Authorization": f"Bearer {sender}"}).status_code
+             for i in range(5)]
+    assert codes == [422, 200, 422, 429, 429]
+    r = client.post("/api/v1/decisions", json=body,
+                    headers={"Authorization": f"Bearer {sender}"})
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
 
 
 def test_cli_creates_lists_and_revokes_keys(app):
