@@ -561,10 +561,7 @@ def _person_with_facts(dialect: str, lookup: str, guard: Guard | None = None) ->
     person_id = select(person.c.id).scalar_subquery()
     states, suppressions, rules = _fact_branches()
     pad = [_none(column.type).label(column.key) for column in _PERSON_TAIL]
-    layout = [*(column.name for column in states.selected_columns),
-              *(column.key for column in _PERSON_TAIL)]
-    types = [*(column.type for column in states.selected_columns),
-             *(column.type for column in _PERSON_TAIL)]
+    layout = _layout()
     the_person = select(
         literal_column("'p'").label("kind"), Customer.id.label("customer_id"),
         *(_none(column.type).label(column.name) for column in list(states.selected_columns)[2:]),
@@ -581,7 +578,7 @@ def _person_with_facts(dialect: str, lookup: str, guard: Guard | None = None) ->
         branches.append(guard.rows.with_only_columns(
             literal_column("'g'").label("kind"),
             *(given[name].label(name) if name in given else _none(type_).label(name)
-              for name, type_ in zip(layout[1:], types[1:], strict=True))))
+              for name, type_ in list(layout.items())[1:])))
     return union_all(*branches)
 
 
@@ -661,10 +658,17 @@ def guard_row(row: tuple[Any, ...], guard: Guard) -> dict[str, Any]:
 
 @cache
 def _guard_positions(guard: Guard) -> tuple[tuple[str, int], ...]:
-    names = [*(column.name for column in _fact_branches()[0].selected_columns),
-             *(column.key for column in _PERSON_TAIL)]
+    names = list(_layout())
     return tuple((column.name, names.index(column.name))
                  for column in guard.rows.selected_columns)
+
+
+@cache
+def _layout() -> dict[str, Any]:
+    """{name: type} of the columns of :func:`_person_with_facts`, in order: the fact
+    branches' twelve, then :data:`_PERSON_TAIL`."""
+    return {**{column.name: column.type for column in _fact_branches()[0].selected_columns},
+            **{column.key: column.type for column in _PERSON_TAIL}}
 
 
 def decide_one(session: Session, catalog: Catalog, lookup: str, value: Any, topic_key: str,
