@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, g, jsonify, render_template, request
+from flask import Flask, Response, current_app, g, render_template, request
 from flask_babel import gettext as _
 from flask_wtf.csrf import CSRFError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("carnet.errors")
+
+# A problem often names what the caller sent (an unknown field, a bad value). JSON lets any
+# character be written as \uXXXX, so the markup characters are: every JSON parser reads the
+# same text back, and a body that some client shows or sniffs as HTML carries no live markup.
+_HTML_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "'": "\\u0027",
+                            "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 def _wants_problem() -> bool:
@@ -24,10 +30,8 @@ def problem(status: int, type_: str, title: str, detail: str | None = None,
     if detail:
         body["detail"] = detail
     body.update(extra)
-    response = jsonify(body)
-    response.status_code = status
-    response.mimetype = "application/problem+json"
-    return response
+    text = current_app.json.dumps(body).translate(_HTML_SAFE) + "\n"
+    return Response(text, status=status, mimetype="application/problem+json")
 
 
 def _titles() -> dict[int, str]:

@@ -80,6 +80,17 @@ def test_bad_bodies(api, op):
     assert r.status_code == 422 and field_errors(r) == {"body": "type"}
 
 
+def test_markup_the_caller_sent_comes_back_escaped_and_reads_back_the_same(api):
+    name = "<script>alert('x')</script>&"
+    r = api.post("/decisions", {name: 1, "topic": "t", "channel": "email",
+                                "customer": {"email": "a@b.c"}})
+    assert r.status_code == 422 and r.mimetype == "application/problem+json"
+    raw = r.get_data(as_text=True)
+    assert "<" not in raw and ">" not in raw and "&" not in raw and "'" not in raw
+    assert "\\u003cscript\\u003e" in raw
+    assert field_errors(r) == {name: "unknown_field"}
+
+
 @pytest.mark.parametrize("op", [op for op in SECURED if op.query is not None], ids=ids)
 def test_unknown_query_parameters_are_refused(api, op):
     r = api.client.open(concrete(op) + "?bogus=1", method=op.method, headers=api.headers())
