@@ -8,7 +8,11 @@ what matters of that path and drops the rest:
 
 * the statement is still a SQLAlchemy Core select, compiled once per dialect, with the same
   bind and result type processing (``UTCDateTime``, JSON parameters on SQLite);
-* on PostgreSQL it is a server-side prepared statement (planned once per connection);
+* on PostgreSQL it is a server-side prepared statement (planned once per connection),
+  sent with PostgreSQL's own ``$1`` placeholders through psycopg's ``RawCursor``: psycopg
+  parses a query's ``%(name)s`` placeholders on every execution when the text is longer than
+  its cache takes (4 KB: a single decision's statement is just over, a batch's 7 KB), which
+  was 5 to 9 % of a single decision's CPU in the served process;
 * ``before_cursor_execute`` listeners still see every statement (the tests count them and
   inject faults there);
 * driver errors go through SQLAlchemy's own handling: wrapped in ``sqlalchemy.exc`` types,
@@ -19,6 +23,7 @@ It returns tuples in column order and nothing else: no ORM objects, no autoflush
 
 from __future__ import annotations
 
+import re
 import select
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +46,28 @@ class _Compiled:
     bind_processors: dict[str, Callable[[Any], Any]]
     result_processors: tuple[tuple[int, Callable[[Any], Any]], ...]  # (column, processor)
     prepare: bool
+    # PostgreSQL: the statement with $1, $2... and the parameter name of each number
+    native_sql: str = ""
+    native_order: tuple[str, ...] = ()
+
+
+_PYFORMAT = re.compile(r"%%|%\(([^)]+)\)s")
+
+
+def _native(sql: str) -> tuple[str, tuple[str, ...]]:
+    """``%(name)s`` placeholders (psycopg's format, ``%%`` for a literal ``%``) turned into
+    PostgreSQL's ``$n``, a name used twice keeping its number; with the names in order."""
+    order: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:
+            return "%"
+        if name not in order:
+            order.append(name)
+        return f"${order.index(name) + 1}"
+
+    return _PYFORMAT.sub(number, sql), tuple(order)
 
 
 _COMPILED: dict[tuple[int, str], tuple[Executable, _Compiled]] = {}
@@ -56,13 +83,17 @@ def _compile(statement: Executable, dialect: Dialect, *, cached: bool = True) ->
                 for bind in compiled.binds.values() if not bind.required}
     processors = [type_._cached_result_processor(dialect, None)
                   for _key, _name, _objects, type_ in compiled._result_columns]
+    postgresql = dialect.name == "postgresql"
+    native_sql, native_order = _native(compiled.string) if postgresql else ("", ())
     entry = _Compiled(
         sql=compiled.string,
         defaults=defaults,
         positional=tuple(compiled.positiontup) if compiled.positional else None,
         bind_processors=dict(compiled._bind_processors),
         result_processors=tuple((i, p) for i, p in enumerate(processors) if p is not None),
-        prepare=dialect.name == "postgresql",
+        prepare=postgresql,
+        native_sql=native_sql,
+        native_order=native_order,
     )
     if cached:
         _COMPILED[key] = (statement, entry)  # the statement is kept: its id stays unique
@@ -79,10 +110,31 @@ def _arguments(entry: _Compiled, params: Mapping[str, Any] | None) -> Any:
     return values if entry.positional is None else [values[n] for n in entry.positional]
 
 
-def fetch_rows(session: Session, statement: Executable, params: Mapping[str, Any] | None = None
+# What plain rows are read from: the request's Session, or a Connection of its own (a request
+# that only reads on PostgreSQL: :func:`portal.db.reads`).
+Reader = Session | Connection
+
+
+def dialect_of(reader: Reader) -> str:
+    """The name of the database dialect ``reader`` reads from."""
+    bind = reader.get_bind() if isinstance(reader, Session) else reader
+    return bind.dialect.name
+
+
+def flushed(reader: Reader) -> None:
+    """Before plain-row reads: they do not autoflush a Session's pending ORM changes."""
+    if isinstance(reader, Session):
+        reader.flush()
+
+
+def _connection(reader: Reader) -> Connection:
+    return reader.connection() if isinstance(reader, Session) else reader
+
+
+def fetch_rows(reader: Reader, statement: Executable, params: Mapping[str, Any] | None = None
                ) -> list[tuple[Any, ...]]:
     """Every row of ``statement`` (a module-level, reused Core select) as plain tuples."""
-    return _fetch(session.connection(), statement, params)
+    return _fetch(_connection(reader), statement, params)
 
 
 # A list parameter at least this long is split across two connections by fetch_rows_split.
@@ -90,21 +142,22 @@ SPLIT_AT = 2000
 _split_pool: ThreadPoolExecutor | None = None
 
 
-def fetch_rows_split(session: Session, statement: Executable, params: Mapping[str, Any],
+def fetch_rows_split(reader: Reader, statement: Executable, params: Mapping[str, Any],
                      name: str) -> list[tuple[Any, ...]]:
     """:func:`fetch_rows` with the list parameter ``name`` cut in two halves, read at the same
     time on two connections, so that PostgreSQL works on both cores: a batch decision's
     lookups are 10,000 index probes or more, and they were most of its time.
 
     Only when nothing could differ between the two connections: PostgreSQL, a Session bound
-    to an Engine, running outside any transaction (:func:`portal.db.read_outside_transactions`,
-    read-only operations), where each statement sees the latest commits anyway. Otherwise,
-    and for short lists, it is :func:`fetch_rows`."""
+    to an Engine (or a Connection of its pool), running outside any transaction
+    (:func:`portal.db.read_outside_transactions`, :func:`portal.db.reads`: read-only
+    operations), where each statement sees the latest commits anyway. Otherwise, and for
+    short lists, it is :func:`fetch_rows`."""
     global _split_pool
     values = params[name]
-    conn = session.connection()
+    conn = _connection(reader)
     if (len(values) < SPLIT_AT or conn.dialect.name != "postgresql"
-            or not isinstance(session.get_bind(), Engine)
+            or (isinstance(reader, Session) and not isinstance(reader.get_bind(), Engine))
             or not getattr(conn.connection.dbapi_connection, "autocommit", False)):
         return _fetch(conn, statement, params)
     if _split_pool is None:  # made in the serving process, after any fork
@@ -141,12 +194,17 @@ def _fetch(conn: Connection, statement: Executable, params: Mapping[str, Any] | 
            ) -> list[tuple[Any, ...]]:
     entry = _compile(statement, conn.dialect)
     args = _arguments(entry, params)
-    cursor: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    with _statement(conn, cursor, entry.sql, args):
+    dbapi: Any = conn.connection.dbapi_connection
+    if entry.prepare:
+        cursor: Any = psycopg.RawCursor(dbapi)
+        sql, args = entry.native_sql, [args[name] for name in entry.native_order]
+    else:
+        cursor, sql = dbapi.cursor(), entry.sql
+    with _statement(conn, cursor, sql, args):
         if entry.prepare:
-            cursor.execute(entry.sql, args, prepare=True)
+            cursor.execute(sql, args, prepare=True)
         else:
-            cursor.execute(entry.sql, args)
+            cursor.execute(sql, args)
         rows: list[tuple[Any, ...]] = cursor.fetchall()
     if entry.result_processors and rows:
         rows = [_processed(row, entry.result_processors) for row in rows]

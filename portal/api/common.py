@@ -9,7 +9,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy.orm import Session
 
-from portal.db import utcnow
+from portal.db import get_session, utcnow
 from portal.models.customer import Customer
 from portal.services import identity
 from portal.services.catalog import Catalog, get_catalog
@@ -21,14 +21,23 @@ PROBLEM = {"$ref": "#/components/schemas/Problem"}
 CATALOG_TTL = 5.0
 
 
-def catalog(session: Session) -> Catalog:
+def catalog(session: Session | None = None) -> Catalog:
     """The catalog, cached per app for a few seconds: it changes when ``catalog load`` runs,
-    and re-reading it on every decision doubled the queries of a single decision."""
+    and re-reading it on every decision doubled the queries of a single decision. Read
+    through ``session``, or the request's Session, when the cached copy has expired."""
     cached = current_app.extensions.get("carnet.api.catalog")
     now = time.monotonic()
     if cached is not None and cached[0] > now:
         return cached[1]  # type: ignore[no-any-return]
-    fresh = get_catalog(session)
+    if session is not None:
+        fresh = get_catalog(session)
+    else:
+        session = get_session()
+        if session.in_transaction():
+            fresh = get_catalog(session)
+        else:
+            with session.begin():
+                fresh = get_catalog(session)
     current_app.extensions["carnet.api.catalog"] = (now + CATALOG_TTL, fresh)
     return fresh
 

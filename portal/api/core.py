@@ -201,7 +201,9 @@ class Api:
         """Register a view as an operation. ``key_in_view``: the view reads the caller's key
         itself, in its first statement, and receives an :class:`Admission` (``admission``)
         to call before anything else; a request whose key is missing or malformed, or whose
-        arguments are invalid, is authenticated here as usual instead."""
+        arguments are invalid, is authenticated here as usual instead. ``read_only``: the
+        request's Session reads in autocommit (:func:`portal.db.read_outside_transactions`);
+        a ``key_in_view`` view that reads through :func:`portal.db.reads` has no Session."""
         assert not key_in_view or scopes, "key_in_view needs scopes"
         def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
             operation = Operation(method, self.prefix + rule, f"{self.bp.name}.{view.__name__}",
@@ -219,11 +221,11 @@ class Api:
                 return response
 
             def answer(**path: Any) -> Any:
-                if read_only:
-                    read_outside_transactions(get_session())
                 raw = _bearer() if key_in_view else None
                 deferred = raw is not None and api_keys.well_formed(raw)
                 if not deferred:
+                    if read_only:
+                        read_outside_transactions(get_session())
                     with timed("auth"):
                         denied = _authenticate(scopes) if scopes else None
                     if denied is not None:

@@ -20,7 +20,7 @@ from portal.api.common import (
 from portal.api.core import Admission, fast_json, not_found, timed, unprocessable
 from portal.api.schema import Int, Obj, Str
 from portal.api.schemas import BatchRequest, DecisionRequest, DispatchRequest
-from portal.db import get_session, utcnow
+from portal.db import get_session, reads, utcnow
 from portal.models.catalog import CHANNELS
 from portal.models.consent import Dispatch
 from portal.services import audiences, identity
@@ -35,11 +35,12 @@ NDJSON = "application/x-ndjson"
 def decision(body: dict[str, Any], admission: Admission) -> Any:
     """Answers send, deny or defer with a stable reason code and the consent event that
     justifies it. ``explain`` adds the rules evaluated, in order."""
-    # The caller's key is read in the decision's own statement: one round trip in all.
-    session = get_session()
-    with session.begin():
+    # The caller's key is read in the decision's own statement: one round trip in all, on a
+    # connection of its own on PostgreSQL (no ORM Session: see portal.db.reads).
+    known = catalog()
+    with reads() as reader:
         result, key = identity.decide_about(
-            session, catalog(session), body["customer"], body["topic"], body["channel"],
+            reader, known, body["customer"], body["topic"], body["channel"],
             at_or_now(body.get("at")), default_timezone=default_timezone(),
             guard=admission.guard, guard_params=admission.guard_params)
     denied = admission.admit(key)

@@ -38,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
 
-from portal.fast_rows import fetch_rows, fetch_rows_split
+from portal.fast_rows import Reader, dialect_of, fetch_rows, fetch_rows_split, flushed
 from portal.models.consent import (
     ANY,
     ConsentEvent,
@@ -421,12 +421,12 @@ _EVIDENCE_COLUMNS = (ConsentEvent.id, ConsentEvent.occurred_at, ConsentEvent.sou
                      ConsentEvent.wording_version, ConsentEvent.state)
 
 
-def among(session: Session, column: Any, values: Collection[Any]) -> ColumnElement[bool]:
+def among(session: Reader, column: Any, values: Collection[Any]) -> ColumnElement[bool]:
     """``column IN values``; on PostgreSQL ``column = ANY(:array)``, one parameter however many
     values, so the statement text (and its prepared plan) is the same for 1 or 10,000."""
     if len(values) == 1:
         return column == next(iter(values))  # type: ignore[no-any-return]
-    return in_values(session.get_bind().dialect.name, column, None, list(values))
+    return in_values(dialect_of(session), column, None, list(values))
 
 
 def in_values(dialect: str, column: Any, name: str | None, value: Any = None, *,
@@ -629,14 +629,14 @@ def _people_with_facts(dialect: str, lookup: str) -> Any:
         _restrict_to_ids(dialect, rules.add_columns(*pad), ContactRule.customer_id, ids))
 
 
-def people_with_facts(session: Session, lookup: str, values: list[Any]
+def people_with_facts(session: Reader, lookup: str, values: list[Any]
                       ) -> tuple[dict[Any, PersonRow], list[tuple[Any, ...]]]:
     """For a batch: {value: the person decisions are about (the survivor if that record was
     merged)} for the values of the ``lookup`` column found, and the rows of their facts for
     :func:`decide_many`, from one statement (:func:`_people_with_facts`), read in two halves
     on two connections for long lists (:func:`fetch_rows_split`)."""
-    session.flush()  # plain-row reads below do not autoflush pending ORM changes
-    rows = fetch_rows_split(session, _people_with_facts(session.get_bind().dialect.name,
+    flushed(session)
+    rows = fetch_rows_split(session, _people_with_facts(dialect_of(session),
                                                         lookup), {"values": values}, "values")
     survivors = {row[1]: PersonRow._make((row[1], *row[12:19], None)) for row in rows
                  if row[0] == "m"}
@@ -671,7 +671,7 @@ def _layout() -> dict[str, Any]:
             **{column.key: column.type for column in _PERSON_TAIL}}
 
 
-def decide_one(session: Session, catalog: Catalog, lookup: str, value: Any, topic_key: str,
+def decide_one(session: Reader, catalog: Catalog, lookup: str, value: Any, topic_key: str,
                channel: str, at: datetime, *, default_timezone: str = "UTC",
                guard: Guard | None = None, guard_params: dict[str, Any] | None = None
                ) -> tuple[Person | None, Decision, list[dict[str, Any]]]:
@@ -679,8 +679,8 @@ def decide_one(session: Session, catalog: Catalog, lookup: str, value: Any, topi
     (topic, channel), from one statement (:func:`_person_with_facts`), with the rows of the
     ``guard`` if one is given (nobody is found if it does not hold). Answers exactly what
     :func:`decide_many` answers for the same question."""
-    session.flush()  # plain-row reads below do not autoflush pending ORM changes
-    rows = fetch_rows(session, _person_with_facts(session.get_bind().dialect.name, lookup,
+    flushed(session)
+    rows = fetch_rows(session, _person_with_facts(dialect_of(session), lookup,
                                                   guard),
                       {"value": value, **(guard_params or {})})
     guarded = [] if guard is None else [guard_row(row, guard) for row in rows
@@ -738,7 +738,7 @@ def load_facts(
 
 
 def _load_facts(
-    session: Session,
+    session: Reader,
     by_id: dict[int, Person],
     pairs: set[tuple[str, str]],
     wanted: Iterable[tuple[int, str, str]],
@@ -753,19 +753,19 @@ def _load_facts(
                             default_timezone=default_timezone)
 
 
-def fact_rows_of(session: Session, ids: Collection[int]) -> list[tuple[Any, ...]]:
+def fact_rows_of(session: Reader, ids: Collection[int]) -> list[tuple[Any, ...]]:
     """The rows of every fact of these customers (:func:`_fact_branches`)."""
     if not ids:
         return []
-    session.flush()  # plain-row reads below do not autoflush pending ORM changes
+    flushed(session)
     one = len(ids) == 1
-    query = _fact_queries(session.get_bind().dialect.name, one)["facts"]
+    query = _fact_queries(dialect_of(session), one)["facts"]
     return (fetch_rows(session, query, {"ids": next(iter(ids))}) if one
             else fetch_rows_split(session, query, {"ids": list(ids)}, "ids"))
 
 
 def _facts_from_rows(
-    session: Session,
+    session: Reader,
     by_id: dict[int, Person],
     pairs: set[tuple[str, str]],
     wanted: Iterable[tuple[int, str, str]],
@@ -839,14 +839,14 @@ def assemble_facts(
 _NO_PRESSURE = Pressure()
 
 
-def recent_sends(session: Session, ids: Collection[int], channels: Collection[str],
+def recent_sends(session: Reader, ids: Collection[int], channels: Collection[str],
                  at: datetime) -> dict[tuple[int, str], list[datetime]]:
     """Dispatches of the last week for people with a weekly cap (the cap reads only these)."""
     sends: dict[tuple[int, str], list[datetime]] = defaultdict(list)
     if ids:
-        session.flush()  # plain-row reads below do not autoflush pending ORM changes
+        flushed(session)
         one = len(ids) == 1
-        query = _fact_queries(session.get_bind().dialect.name, one)["sends"]
+        query = _fact_queries(dialect_of(session), one)["sends"]
         for cid, channel, sent_at in fetch_rows(session, query, {
                 "ids": next(iter(ids)) if one else list(ids), "channels": list(channels),
                 "since": at - WEEK,
@@ -855,7 +855,7 @@ def recent_sends(session: Session, ids: Collection[int], channels: Collection[st
     return sends
 
 
-def resolve_contacts(session: Session, channel: str, people: Iterable[Person]
+def resolve_contacts(session: Reader, channel: str, people: Iterable[Person]
                      ) -> dict[int, dict[str, Any]] | None:
     """Contact points of a channel kept outside the customer row (:data:`CONTACT_RESOLVERS`),
     or None when the customer row holds them."""
@@ -864,7 +864,7 @@ def resolve_contacts(session: Session, channel: str, people: Iterable[Person]
 
 
 def decide_many(
-    session: Session,
+    session: Reader,
     catalog: Catalog,
     questions: Sequence[tuple[Person | None, str, str]],
     at: datetime,

@@ -18,7 +18,7 @@ from sqlalchemy import Select, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from portal.db import utcnow
-from portal.fast_rows import fetch_rows, fetch_rows_split
+from portal.fast_rows import Reader, dialect_of, fetch_rows, fetch_rows_split, flushed
 from portal.models.consent import ANY, ConsentState, ContactRule, Suppression
 from portal.models.customer import Customer, ExternalId
 from portal.services import changes
@@ -57,7 +57,7 @@ class MemberNumberHook:
     ``find`` maps member numbers to customer ids, ``of`` customer ids to member numbers. Until
     it is filled, a member number names nobody (``unknown_customer``)."""
 
-    find: Callable[[Session, Sequence[str]], dict[str, int]] | None = None
+    find: Callable[[Reader, Sequence[str]], dict[str, int]] | None = None
     of: Callable[[Session, Sequence[int]], dict[int, str]] | None = None
 
 
@@ -89,7 +89,7 @@ def _phone(raw: str) -> str:
         return raw.strip()
 
 
-def _find(session: Session, refs: Sequence[dict[str, Any]], columns: tuple[Any, ...]
+def _find(session: Reader, refs: Sequence[dict[str, Any]], columns: tuple[Any, ...]
           ) -> tuple[list[tuple[str, Any] | None], dict[tuple[str, Any], Any]]:
     """Lookup keys in the order of ``refs`` and the rows (``columns``, the first being the
     customer id) they name, before following merges."""
@@ -104,8 +104,8 @@ def _find(session: Session, refs: Sequence[dict[str, Any]], columns: tuple[Any, 
         wanted[kind].add(value)
 
     found: dict[tuple[str, Any], Any] = {}
-    session.flush()  # plain-row reads below do not autoflush pending ORM changes
-    dialect = session.get_bind().dialect.name
+    flushed(session)
+    dialect = dialect_of(session)
     width = len(columns)
     for kind in LOOKUP_COLUMNS:
         if wanted[kind]:
@@ -174,7 +174,7 @@ def resolve_many(session: Session, refs: Sequence[dict[str, Any]]) -> list[Custo
             for key in keys]
 
 
-def resolve_people(session: Session, refs: Sequence[dict[str, Any]]) -> list[Person | None]:
+def resolve_people(session: Reader, refs: Sequence[dict[str, Any]]) -> list[Person | None]:
     """Like :func:`resolve_many`, for decisions: rows of the columns the precedence reads
     (:data:`~portal.services.decisions.PERSON_COLUMNS`) instead of Customer objects, in the
     lookup query itself, so 10,000 identifiers cost one query and no ORM objects."""
@@ -189,7 +189,7 @@ def resolve_people(session: Session, refs: Sequence[dict[str, Any]]) -> list[Per
     return [people.get(key) if key else None for key in keys]
 
 
-def decide_batch(session: Session, catalog: Catalog,
+def decide_batch(session: Reader, catalog: Catalog,
                  questions: Sequence[tuple[dict[str, Any], str, str]], at: datetime, *,
                  default_timezone: str = "UTC") -> list[Decision]:
     """Decisions for (identifier object, topic, channel) questions, in order. People named by
@@ -222,7 +222,7 @@ def decide_batch(session: Session, catalog: Catalog,
         at, default_timezone=default_timezone, fact_rows=fact_rows)
 
 
-def decide_about(session: Session, catalog: Catalog, ref: dict[str, Any], topic_key: str,
+def decide_about(session: Reader, catalog: Catalog, ref: dict[str, Any], topic_key: str,
                  channel: str, at: datetime, *, default_timezone: str = "UTC",
                  guard: Guard | None = None, guard_params: dict[str, Any] | None = None
                  ) -> tuple[Decision, list[dict[str, Any]]]:

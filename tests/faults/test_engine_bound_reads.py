@@ -6,7 +6,9 @@ connection.
 * A large batch decision reads its two halves on two connections at once: every answer is
   the answer to the same question asked alone.
 * Connections run without JIT and keep the options of their URL.
-* A COPY read in part, or failing mid-way, leaves its connection usable."""
+* A COPY read in part, or failing mid-way, leaves its connection usable.
+* A single decision reads on a connection of its own, in autocommit: one statement, no
+  BEGIN or COMMIT, the latest commits seen, and the connection back in the pool as it was."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DataError
 
 from portal import fast_rows
-from portal.db import make_engine, new_session, utcnow
+from portal.db import get_engine, make_engine, new_session, utcnow
 from portal.models.consent import ContactRule, Dispatch
 from portal.models.customer import Customer
 from portal.services.accounts import create_customer
@@ -27,6 +29,7 @@ from portal.services.consent import Proof, record_consent
 from tests.faults.helpers import dispose, live_database, make_live_app
 from tests.support.api_client import make_key
 from tests.support.databases import PG_URL
+from tests.support.statements import counting
 
 pytestmark = pytest.mark.skipif(not PG_URL, reason="needs PostgreSQL: set "
                                 "CARNET_TEST_DATABASE_URL")
@@ -161,3 +164,35 @@ def test_a_copy_read_in_part_or_failing_leaves_the_connection_usable(live):
     r = client.get("/api/v1/audiences/newsletter/email",
                    headers={**headers, "Accept": "application/x-ndjson"})
     assert r.status_code == 200 and r.data.count(b"\n") > 50
+
+
+def test_a_single_decision_is_one_statement_that_sees_the_latest_commit(live):
+    client, headers = live
+    app = client.application
+    engine = get_engine(app)
+    question = {"customer": {"email": "p1@example.com"}, "topic": "newsletter",
+                "channel": "email"}
+    client.post("/api/v1/decisions", json=question, headers=headers)  # catalog cached
+    with counting(engine) as tally:
+        first = client.post("/api/v1/decisions", json=question, headers=headers)
+    assert first.status_code == 200 and first.get_json()["reason"] == "consented"
+    assert len(tally.statements) == 1 and tally.transaction_control == 0, tally
+
+    session = new_session(app)
+    with session.begin():
+        customer = session.scalars(select(Customer).where(
+            Customer.email == "p1@example.com")).one()
+        record_consent(session, customer, "newsletter", "email", "withdrawn",
+                       Proof("call_center", "agent:7"), catalog=get_catalog(session))
+    session.close()
+    after = client.post("/api/v1/decisions", json=question, headers=headers).get_json()
+    assert after["decision"] == "deny" and after["reason"] == "withdrawn"
+    assert after["evidence"]["source"] == "call_center"
+
+    # the pool hands the connection on as it was: a write still runs in a transaction
+    with engine.connect() as conn:
+        assert conn.connection.dbapi_connection.autocommit is False
+        conn.exec_driver_sql("CREATE TEMPORARY TABLE scratch (n int)")
+        conn.rollback()
+        assert conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'scratch'").scalar_one() == 0
