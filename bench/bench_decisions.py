@@ -160,13 +160,15 @@ def new_key(url: str) -> str:
     return key
 
 
-def start_server(url: str, port: int, workdir: Path) -> subprocess.Popen:
+def start_server(url: str, port: int, workdir: Path, workers: int = 2, threads: int = 8
+                 ) -> subprocess.Popen:
     env = dict(os.environ, CARNET_DATABASE_URL=url, CARNET_SECRET_KEY="bench-" + "x" * 40,
                CARNET_BENCH_BARE="1", CARNET_API_RATE_LIMIT="100000000/60",
                CARNET_ENV="development")
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
     proc = subprocess.Popen(
-        [gunicorn, "-w", "2", "-k", "gthread", "--threads", "8", "-b", f"127.0.0.1:{port}",
+        [gunicorn, "-w", str(workers), "-k", "gthread", "--threads", str(threads),
+         "-b", f"127.0.0.1:{port}",
          "--log-level", "warning", "app:app"], cwd=ROOT, env=env, start_new_session=True)
     for _ in range(200):
         try:
@@ -252,6 +254,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="per throughput run")
     parser.add_argument("--threads", type=int, default=16, help="client threads")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
+    parser.add_argument("--worker-threads", type=int, default=8, help="threads per worker")
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     parser.add_argument("--reuse", action="store_true", help="PostgreSQL: reuse carnet_bench "
                         "as a --keep run left it (same --customers) instead of seeding again")
@@ -266,7 +270,7 @@ def main() -> None:
     server = None
     try:
         key = new_key(url) if args.reuse and args.postgresql else seed(url, n, args.postgresql)
-        server = start_server(url, args.port, workdir)
+        server = start_server(url, args.port, workdir, args.workers, args.worker_threads)
         base = f"http://127.0.0.1:{args.port}"
 
         def decision_body(rng: random.Random) -> dict:
@@ -321,7 +325,8 @@ def main() -> None:
 
         print()
         print(f"Carnet decision API — {'PostgreSQL' if args.postgresql else 'SQLite'}, "
-              f"{n:,} customers, gunicorn 2 workers × 8 threads (gthread), "
+              f"{n:,} customers, gunicorn {args.workers} workers × {args.worker_threads} threads "
+              f"(gthread), "
               f"{args.threads} client threads, {os.cpu_count()} CPUs shared with the client")
         best = min(server_timings, key=lambda t: t["app"])
         median_server = statistics.median(t["app"] for t in server_timings)

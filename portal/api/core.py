@@ -93,8 +93,8 @@ def _authenticate(scopes: tuple[str, ...]) -> Response | None:
 def _admit(key: api_keys.Caller | None, scopes: tuple[str, ...]) -> Response | None:
     """After the key was read: 401 if there is none, 403 without the scope, 429 over the rate
     limit; otherwise None, the key's use recorded (once a minute) and ``g.api_key`` set."""
-    session = get_session()
     if key is not None and api_keys.needs_touch(key):
+        session = get_session()  # only then: a decision needs no Session otherwise
         try:
             with session.begin():
                 api_keys.touch(session, key)
