@@ -1,0 +1,128 @@
+"""Single decisions of two versions of Carnet, measured at the same time.
+
+On a shared machine the rate of one endpoint moves by ±20 % from one minute to the next, so
+two versions measured one after the other cannot be told apart by less than that. This script
+serves both at once, the working tree and another commit (checked out in a temporary git
+worktree), each under gunicorn (2 gthread workers × 8 threads) on its own port, against the
+same PostgreSQL database, and takes short turns between them: bare endpoint, then single
+decisions, on one version, then on the other, the order swapped every round. Then the same
+paced load (300 requests/s) on each, for latency. It prints, for each version, the median
+rates, the ratio of decisions to bare, and p50/p99 at that load.
+
+    .venv/bin/python bench/bench_decisions.py --postgresql --keep    # seeds carnet_bench once
+    .venv/bin/python bench/compare_versions.py --base 31a946d --rounds 8 --seconds 5
+
+Both versions run with this checkout's virtualenv; the database is not seeded or changed
+(one API key is added).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_decisions as bench  # noqa: E402
+
+
+def serve(root: Path, port: int) -> subprocess.Popen:
+    env = dict(os.environ, CARNET_DATABASE_URL=bench.PG_BENCH,
+               CARNET_SECRET_KEY="bench-" + "x" * 40, CARNET_BENCH_BARE="1",
+               CARNET_API_RATE_LIMIT="100000000/60", CARNET_ENV="development")
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    proc = subprocess.Popen([gunicorn, "-w", "2", "-k", "gthread", "--threads", "8", "-b",
+                             f"127.0.0.1:{port}", "--log-level", "warning", "app:app"],
+                            cwd=root, env=env, start_new_session=True)
+    for _ in range(300):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/v1/_bare").status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise SystemExit(f"gunicorn did not start in {root}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="the commit to compare with")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per run")
+    parser.add_argument("--customers", type=int, default=1_000_000,
+                        help="how many carnet_bench holds")
+    parser.add_argument("--rate", type=float, default=300.0, help="paced load for latency")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="carnet-compare-"))
+    base_root = workdir / "base"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q",
+                    str(base_root), args.base], check=True)
+    servers: dict[str, subprocess.Popen] = {}
+    try:
+        key = bench.new_key(bench.PG_BENCH)
+        roots = {args.base: base_root, "working tree": ROOT}
+        ports = dict(zip(roots, (8781, 8782), strict=True))
+        for name, root in roots.items():
+            servers[name] = serve(root, ports[name])
+        n = args.customers
+
+        def decision_body(rng: random.Random) -> dict:
+            topic, channel = rng.choice(bench.TOPICS)
+            return {"customer": {"email": f"c{rng.randint(1, n)}@bench.example"},
+                    "topic": topic, "channel": channel}
+
+        rates: dict[tuple[str, str], list[float]] = {(name, kind): [] for name in roots
+                                                     for kind in ("bare", "decision")}
+        latencies: dict[str, list[float]] = {name: [] for name in roots}
+        for name in roots:  # warm up
+            bench.load(f"http://127.0.0.1:{ports[name]}", key, "/api/v1/decisions",
+                       decision_body, 2, 4)
+        for turn in range(args.rounds):
+            order = list(roots) if turn % 2 == 0 else list(reversed(list(roots)))
+            for name in order:
+                url = f"http://127.0.0.1:{ports[name]}"
+                rates[(name, "bare")].append(bench.load(
+                    url, key, "/api/v1/_bare", lambda rng: {}, args.seconds, 16)[0])
+                rates[(name, "decision")].append(bench.load(
+                    url, key, "/api/v1/decisions", decision_body, args.seconds, 16)[0])
+            for name in order:
+                url = f"http://127.0.0.1:{ports[name]}"
+                latencies[name] += bench.load(url, key, "/api/v1/decisions", decision_body,
+                                              args.seconds, 8, rate=args.rate)[1]
+        print()
+        print(f"Single decisions, two versions served side by side, {args.rounds} rounds of "
+              f"{args.seconds:.0f} s, taking turns (PostgreSQL carnet_bench, {n:,} customers)")
+        for name in roots:
+            bare, decided = rates[(name, "bare")], rates[(name, "decision")]
+            per_round = ", ".join(f"{d / b:.2f}" for d, b in zip(decided, bare, strict=True))
+            print(f"  {name:>12}: bare {statistics.median(bare):6.0f} req/s, decisions "
+                  f"{statistics.median(decided):6.0f} req/s (medians) = "
+                  f"{statistics.median(decided) / statistics.median(bare):.2f} of bare "
+                  f"(per round: {per_round})")
+            print(f"  {'':>12}  at {args.rate:.0f} req/s: p50 {bench.pct(latencies[name], .5):.1f}"
+                  f" ms, p99 {bench.pct(latencies[name], .99):.1f} ms "
+                  f"({len(latencies[name]):,} requests)")
+    finally:
+        for proc in servers.values():
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                        str(base_root)], check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
