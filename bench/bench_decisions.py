@@ -160,8 +160,10 @@ def new_key(url: str) -> str:
     return key
 
 
-def start_server(url: str, port: int, workdir: Path, workers: int = 2, threads: int = 8
+def start_server(url: str, port: int, workers: int = 2, threads: int = 8, root: Path = ROOT
                  ) -> subprocess.Popen:
+    """gunicorn serving the app found in ``root`` (another checkout: bench/compare_versions.py)
+    on ``port``, with the bare endpoint, once it answers."""
     env = dict(os.environ, CARNET_DATABASE_URL=url, CARNET_SECRET_KEY="bench-" + "x" * 40,
                CARNET_BENCH_BARE="1", CARNET_API_RATE_LIMIT="100000000/60",
                CARNET_ENV="development")
@@ -169,14 +171,14 @@ def start_server(url: str, port: int, workdir: Path, workers: int = 2, threads: 
     proc = subprocess.Popen(
         [gunicorn, "-w", str(workers), "-k", "gthread", "--threads", str(threads),
          "-b", f"127.0.0.1:{port}",
-         "--log-level", "warning", "app:app"], cwd=ROOT, env=env, start_new_session=True)
-    for _ in range(200):
+         "--log-level", "warning", "app:app"], cwd=root, env=env, start_new_session=True)
+    for _ in range(300):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/api/v1/_bare").status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.1)
-    raise SystemExit("gunicorn did not start")
+    raise SystemExit(f"gunicorn did not start in {root}")
 
 
 def worker_pids(proc: subprocess.Popen) -> list[int]:
@@ -270,7 +272,7 @@ def main() -> None:
     server = None
     try:
         key = new_key(url) if args.reuse and args.postgresql else seed(url, n, args.postgresql)
-        server = start_server(url, args.port, workdir, args.workers, args.worker_threads)
+        server = start_server(url, args.port, args.workers, args.worker_threads)
         base = f"http://127.0.0.1:{args.port}"
 
         def decision_body(rng: random.Random) -> dict:

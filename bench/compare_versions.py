@@ -27,32 +27,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_decisions as bench  # noqa: E402
-
-
-def serve(root: Path, port: int) -> subprocess.Popen:
-    env = dict(os.environ, CARNET_DATABASE_URL=bench.PG_BENCH,
-               CARNET_SECRET_KEY="bench-" + "x" * 40, CARNET_BENCH_BARE="1",
-               CARNET_API_RATE_LIMIT="100000000/60", CARNET_ENV="development")
-    gunicorn = str(Path(sys.executable).parent / "gunicorn")
-    proc = subprocess.Popen([gunicorn, "-w", "2", "-k", "gthread", "--threads", "8", "-b",
-                             f"127.0.0.1:{port}", "--log-level", "warning", "app:app"],
-                            cwd=root, env=env, start_new_session=True)
-    for _ in range(300):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/v1/_bare").status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise SystemExit(f"gunicorn did not start in {root}")
 
 
 def main() -> None:
@@ -76,7 +56,7 @@ def main() -> None:
         roots = {args.base: base_root, "working tree": ROOT}
         ports = dict(zip(roots, (8781, 8782), strict=True))
         for name, root in roots.items():
-            servers[name] = serve(root, ports[name])
+            servers[name] = bench.start_server(bench.PG_BENCH, ports[name], root=root)
         n = args.customers
 
         def decision_body(rng: random.Random) -> dict:
