@@ -26,6 +26,8 @@ from portal.models.customer import Customer
 from portal.services.accounts import create_customer
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof, record_consent
+from portal.services.loyalty_program import load_program
+from tests.conftest import CATALOG
 from tests.faults.helpers import dispose, live_database, make_live_app
 from tests.support.api_client import make_key
 from tests.support.databases import PG_URL
@@ -196,3 +198,32 @@ def test_a_single_decision_is_one_statement_that_sees_the_latest_commit(live):
         conn.rollback()
         assert conn.exec_driver_sql(
             "SELECT count(*) FROM pg_tables WHERE tablename = 'scratch'").scalar_one() == 0
+
+
+def test_single_decisions_by_external_id_and_member_number_read_without_a_session(live):
+    """Identifiers kept outside the customer row take the longer path (key, then the
+    customer, then the facts), also on the session-free connection: the same answers as by
+    email."""
+    client, headers = live
+    program = load_program(CATALOG)
+    assert program is not None
+    person = client.put("/api/v1/customers/external/crm/C-42",
+                        json={"email": "p2@example.com"}, headers=headers)
+    assert person.status_code in (200, 201), person.get_json()
+    customer_id = person.get_json()["id"]
+    member = client.post("/api/v1/loyalty/members", headers=headers, json={
+        "customer": customer_id, "terms_version": program.terms.version})
+    assert member.status_code == 201, member.get_json()
+    number = member.get_json()["member_number"]
+    for topic in ("newsletter", "offers", "account"):
+        answers = [client.post("/api/v1/decisions", headers=headers, json={
+            "customer": ref, "topic": topic, "channel": "email"}).get_json()
+            for ref in ({"email": "p2@example.com"},
+                        {"external_id": {"namespace": "crm", "value": "C-42"}},
+                        {"member_number": number}, {"id": customer_id})]
+        assert all(answer == answers[0] for answer in answers), (topic, answers)
+        assert answers[0]["reason"] != "unknown_customer"
+    ghost = client.post("/api/v1/decisions", headers=headers, json={
+        "customer": {"external_id": {"namespace": "crm", "value": "nobody"}},
+        "topic": "newsletter", "channel": "email"}).get_json()
+    assert ghost["reason"] == "unknown_customer"
