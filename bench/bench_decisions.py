@@ -32,6 +32,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -179,6 +181,22 @@ def start_server(url: str, port: int, workers: int = 2, threads: int = 8, root: 
         except httpx.HTTPError:
             time.sleep(0.1)
     raise SystemExit(f"gunicorn did not start in {root}")
+
+
+@contextmanager
+def checkout(rev: str) -> Iterator[Path]:
+    """Another commit of this repository in a temporary git worktree (to measure it beside
+    the working tree), removed afterwards."""
+    workdir = Path(tempfile.mkdtemp(prefix="carnet-checkout-"))
+    root = workdir / "tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(root),
+                    rev], check=True)
+    try:
+        yield root
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(root)],
+                       check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def worker_pids(proc: subprocess.Popen) -> list[int]:

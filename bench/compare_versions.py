@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,11 +43,11 @@ def main() -> None:
                         help="how many carnet_bench holds")
     parser.add_argument("--rate", type=float, default=300.0, help="paced load for latency")
     args = parser.parse_args()
+    with bench.checkout(args.base) as base_root:
+        compare(args, base_root)
 
-    workdir = Path(tempfile.mkdtemp(prefix="carnet-compare-"))
-    base_root = workdir / "base"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q",
-                    str(base_root), args.base], check=True)
+
+def compare(args: argparse.Namespace, base_root: Path) -> None:
     servers: dict[str, subprocess.Popen] = {}
     try:
         key = bench.new_key(bench.PG_BENCH)
@@ -99,9 +97,6 @@ def main() -> None:
         for proc in servers.values():
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
-                        str(base_root)], check=False)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -140,11 +139,7 @@ def main() -> None:
 def compare(args: argparse.Namespace) -> None:
     """Per-request CPU through Flask of the working tree and of ``args.base``, each turn a
     fresh process of each, in alternating order."""
-    workdir = Path(tempfile.mkdtemp(prefix="carnet-cpu-"))
-    base_root = workdir / "base"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q",
-                    str(base_root), args.base], check=True)
-    try:
+    with bench.checkout(args.base) as base_root:
         shutil.copy(Path(__file__), base_root / "bench" / "decision_cpu.py")
         shutil.copy(ROOT / "bench" / "bench_decisions.py", base_root / "bench")
         roots = {args.base: base_root, "working tree": ROOT}
@@ -169,10 +164,6 @@ def compare(args: argparse.Namespace) -> None:
                   + ", ".join(f"{v:.0f}" for v in bare) + f"), decision "
                   f"{statistics.median(decided):5.0f} µs ("
                   + ", ".join(f"{v:.0f}" for v in decided) + ")")
-    finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
-                        str(base_root)], check=False)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

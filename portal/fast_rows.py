@@ -198,13 +198,11 @@ def _fetch(conn: Connection, statement: Executable, params: Mapping[str, Any] | 
     if entry.prepare:
         cursor: Any = psycopg.RawCursor(dbapi)
         sql, args = entry.native_sql, [args[name] for name in entry.native_order]
+        options = {"prepare": True}
     else:
-        cursor, sql = dbapi.cursor(), entry.sql
+        cursor, sql, options = dbapi.cursor(), entry.sql, {}
     with _statement(conn, cursor, sql, args):
-        if entry.prepare:
-            cursor.execute(sql, args, prepare=True)
-        else:
-            cursor.execute(sql, args)
+        cursor.execute(sql, args, **options)
         rows: list[tuple[Any, ...]] = cursor.fetchall()
     if entry.result_processors and rows:
         rows = [_processed(row, entry.result_processors) for row in rows]

@@ -21,23 +21,21 @@ PROBLEM = {"$ref": "#/components/schemas/Problem"}
 CATALOG_TTL = 5.0
 
 
-def catalog(session: Session | None = None) -> Catalog:
+def catalog() -> Catalog:
     """The catalog, cached per app for a few seconds: it changes when ``catalog load`` runs,
     and re-reading it on every decision doubled the queries of a single decision. Read
-    through ``session``, or the request's Session, when the cached copy has expired."""
+    through the request's Session when the cached copy has expired (in its own short
+    transaction if the Session is not in one)."""
     cached = current_app.extensions.get("carnet.api.catalog")
     now = time.monotonic()
     if cached is not None and cached[0] > now:
         return cached[1]  # type: ignore[no-any-return]
-    if session is not None:
+    session = get_session()
+    if session.in_transaction():
         fresh = get_catalog(session)
     else:
-        session = get_session()
-        if session.in_transaction():
+        with session.begin():
             fresh = get_catalog(session)
-        else:
-            with session.begin():
-                fresh = get_catalog(session)
     current_app.extensions["carnet.api.catalog"] = (now + CATALOG_TTL, fresh)
     return fresh
 

@@ -59,7 +59,7 @@ def batch(body: dict[str, Any]) -> Any:
     items = body["items"]
     with session.begin(), timed("decide"):
         results = identity.decide_batch(
-            session, catalog(session),
+            session, catalog(),
             [(i["customer"], i["topic"], i["channel"]) for i in items],
             at_or_now(body.get("at")), default_timezone=default_timezone())
     explain = body.get("explain", False)
@@ -98,7 +98,7 @@ AudienceQuery = Obj({
         media={NDJSON: "One member per line: {customer, contact, reason, locale}."})
 def audience(topic: str, channel: str, query: dict[str, Any]) -> Any:
     session = get_session()
-    known = catalog(session)
+    known = catalog()
     info = known.get(topic)
     if info is None:
         return not_found(f"no topic '{topic}'", "topic")

@@ -13,10 +13,10 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from portal.db import utcnow
+from portal.fast_rows import Reader
 from portal.models.customer import Customer
 from portal.models.loyalty import LedgerEntry, Member, TermsAcceptance
 from portal.services import demo, identity, privacy
@@ -101,7 +101,7 @@ def demo_extra(program: LoyaltyProgram) -> Callable[[Session, Customer], None]:
     return make_member
 
 
-def customers_by_number(session: Session | Connection, numbers: Sequence[str]) -> dict[str, int]:
+def customers_by_number(session: Reader, numbers: Sequence[str]) -> dict[str, int]:
     """Member number (as given; spaces and dashes of a printed card are ignored) -> customer
     id, for current members only: a number of someone who left, or was erased, names nobody."""
     wanted = {number: "".join(ch for ch in number if ch not in " -") for number in numbers}
