@@ -216,13 +216,16 @@ class Arr(Field):
         if type(value) is not list or not self.min_items <= len(value) <= self.max_items:
             return SLOW
         quick, nullable = self.items.quick, self.items.nullable
-        out = []
-        for item in value:
+        out: list[Any] | None = None  # a copy, made only once an item comes back changed
+        for index, item in enumerate(value):
             result = None if item is None and nullable else quick(item)
             if result is SLOW:
                 return SLOW
-            out.append(result)
-        return out
+            if result is not item and out is None:
+                out = value[:index]
+            if out is not None:
+                out.append(result)
+        return value if out is None else out
 
     def check(self, value: Any, path: str, errors: list[FieldError]) -> Any:
         if not isinstance(value, list):
@@ -253,12 +256,13 @@ class Obj(Field):
         super().__init__(**kw)
         self.fields, self.required, self.exactly_one, self.name = (
             fields, required, exactly_one, name)
+        self._required = frozenset(required)
 
     def quick(self, value: Any) -> Any:
         if type(value) is not dict:
             return SLOW
         fields = self.fields
-        out: dict[str, Any] = {}
+        out: dict[str, Any] | None = None  # a copy, made only if a field comes back changed
         for key, item in value.items():
             spec = fields.get(key)
             if spec is None:
@@ -266,10 +270,13 @@ class Obj(Field):
             result = None if item is None and spec.nullable else spec.quick(item)
             if result is SLOW:
                 return SLOW
-            out[key] = result
-        if (self.exactly_one and len(out) != 1) or any(k not in out for k in self.required):
+            if result is not item:
+                if out is None:
+                    out = dict(value)
+                out[key] = result
+        if (self.exactly_one and len(value) != 1) or not self._required <= value.keys():
             return SLOW
-        return out
+        return value if out is None else out
 
     def check(self, value: Any, path: str, errors: list[FieldError]) -> Any:
         if not isinstance(value, dict):
