@@ -1,5 +1,6 @@
 """All models, imported so that ``Base.metadata`` knows every table."""
 
+from portal.models import decision_facts  # noqa: F401  (the triggers that keep copies)
 from portal.models.api import ApiKey, Webhook, WebhookDelivery
 from portal.models.catalog import Topic, TopicWording
 from portal.models.change import Change

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import ForeignKey, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, deferred, mapped_column
 
 from portal.db import Base, BigID, UTCDateTime, utcnow
 
@@ -31,6 +31,10 @@ class Customer(Base):
     erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Set when this record was merged into another; decisions follow the survivor.
     merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"))
+    # A copy of this person's consent states, suppressions and contact rules, written only
+    # by the database's triggers (portal.models.decision_facts) and read by decisions: never
+    # loaded with the object, never written by the application.
+    decision_facts: Mapped[str | None] = deferred(mapped_column(Text))
 
 
 class ExternalId(Base):

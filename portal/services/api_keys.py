@@ -106,9 +106,9 @@ def _live_key() -> Any:
 KEY_GUARD = Guard(
     holds=select(ApiKey.id).where(_live_key()).exists(),
     rows=typing.cast(Select[Any], select(
-        ApiKey.id.label("customer_id"), ApiKey.name.label("topic_key"),
-        cast(ApiKey.scopes, String).label("source"),
-        ApiKey.last_used_at.label("occurred_at")).where(_live_key())))
+        ApiKey.id.label("customer_id"), ApiKey.name.label("public_id"),
+        cast(ApiKey.scopes, String).label("decision_facts"),
+        ApiKey.last_used_at.label("erased_at")).where(_live_key())))
 
 
 def guard_params(raw: str) -> dict[str, str]:
@@ -120,8 +120,8 @@ def caller_of(guarded: list[dict[str, Any]]) -> Caller | None:
     if not guarded:
         return None
     row = guarded[0]
-    return Caller(row["customer_id"], row["topic_key"], json.loads(row["source"]),
-                  row["occurred_at"])
+    return Caller(row["customer_id"], row["public_id"], json.loads(row["decision_facts"]),
+                  row["erased_at"])
 
 
 def needs_touch(key: ApiKey | Caller, now: datetime | None = None) -> bool:

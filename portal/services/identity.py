@@ -27,15 +27,16 @@ from portal.services.catalog import Catalog
 from portal.services.consent import ConsentError, Proof, record_consent
 from portal.services.decisions import (
     PERSON_COLUMNS,
+    Copy,
     Decision,
     Guard,
     Person,
     PersonRow,
     among,
+    copies_of,
     decide,
     decide_many,
     decide_one,
-    fact_rows_of,
     people_with_facts,
     restrict_to,
 )
@@ -203,23 +204,23 @@ def decide_batch(session: Reader, catalog: Catalog,
         if key is not None and key[0] in LOOKUP_COLUMNS:
             by_kind.setdefault(key[0], set()).add(key[1])
     people: dict[tuple[str, Any], Person] = {}
-    fact_rows: list[tuple[Any, ...]] = []
+    copies: list[Copy] = []
     for kind, values in by_kind.items():
-        found, rows = people_with_facts(session, LOOKUP_COLUMNS[kind].key, list(values))
+        found, copied = people_with_facts(session, LOOKUP_COLUMNS[kind].key, list(values))
         people.update(((kind, value), person) for value, person in found.items())
-        fact_rows += rows
+        copies += copied
     elsewhere = [q[0] for q, key in zip(questions, keys, strict=True)
                  if key is not None and key[0] not in LOOKUP_COLUMNS]
     if elsewhere:
         resolved = resolve_people(session, elsewhere)
         people.update((_lookup_key(ref), person) for ref, person
                       in zip(elsewhere, resolved, strict=True) if person is not None)
-        fact_rows += fact_rows_of(session, {p.id for p in resolved if p is not None})
+        copies += copies_of(session, {p.id for p in resolved if p is not None})
     return decide_many(
         session, catalog,
         [(people.get(key) if key is not None else None, topic, channel)
          for key, (_, topic, channel) in zip(keys, questions, strict=True)],
-        at, default_timezone=default_timezone, fact_rows=fact_rows)
+        at, default_timezone=default_timezone, copies=copies)
 
 
 def decide_about(session: Reader, catalog: Catalog, ref: dict[str, Any], topic_key: str,
