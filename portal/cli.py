@@ -12,10 +12,13 @@ from portal.config import ROOT
 from portal.db import new_session
 
 catalog_cli = AppGroup("catalog", help="The topic catalog.")
+facts_cli = AppGroup("decision-facts", help="The copies of each customer's decision facts "
+                     "that database triggers keep on their row.")
 
 
 def init_app(app: Flask) -> None:
     app.cli.add_command(catalog_cli)
+    app.cli.add_command(facts_cli)
     app.cli.add_command(migrate)
     app.cli.add_command(demo)
     from portal.loyalty_cli import loyalty_cli
@@ -67,6 +70,37 @@ def load_catalog(path: str | None) -> None:
         report = sync_catalog(session, spec)
     click.echo(f"catalog loaded: {len(spec.topics)} topics; added {report.added or '-'}, "
                f"reworded {report.reworded or '-'}, withdrawn {report.deactivated or '-'}")
+
+
+@facts_cli.command("verify", help="Compare every copy with the tables; exit 1 if any differs.")
+def verify_facts() -> None:
+    from sqlalchemy import text
+
+    from portal.models import decision_facts
+
+    session = new_session(current_app._get_current_object())  # type: ignore[attr-defined]
+    with session.begin():
+        dialect = session.get_bind().dialect.name
+        drifted = session.execute(text(decision_facts.drift_statement(dialect))).scalars().all()
+    if drifted:
+        shown = ", ".join(str(i) for i in drifted[:20]) + (" ..." if len(drifted) > 20 else "")
+        raise click.ClickException(f"{len(drifted)} customers' copies differ from the tables "
+                                   f"(ids {shown}); run: flask --app app decision-facts rebuild")
+    click.echo("every copy matches the tables")
+
+
+@facts_cli.command("rebuild", help="Recompute every copy from the tables (after SQL run with "
+                   "the triggers disabled, or a partial restore).")
+def rebuild_facts() -> None:
+    from sqlalchemy import text
+
+    from portal.models import decision_facts
+
+    session = new_session(current_app._get_current_object())  # type: ignore[attr-defined]
+    with session.begin():
+        dialect = session.get_bind().dialect.name
+        count = session.execute(text(decision_facts.rebuild_statement(dialect))).rowcount  # type: ignore[attr-defined]
+    click.echo(f"rebuilt the copies of {count} customers")
 
 
 @click.command("demo", help="Create the demo customer (once) and print how to sign in.")

@@ -34,5 +34,6 @@ def downgrade() -> None:
     if dialect == "postgresql":
         op.execute("DROP FUNCTION IF EXISTS carnet_refresh_decision_facts()")
         op.execute("DROP FUNCTION IF EXISTS carnet_decision_facts(bigint)")
-    with op.batch_alter_table('customers', schema=None) as batch_op:
-        batch_op.drop_column('decision_facts')
+    # Not batch_alter_table: on SQLite it rebuilds the table, and dropping the old customers
+    # table fails its foreign keys. Both databases drop a column in place.
+    op.execute("ALTER TABLE customers DROP COLUMN decision_facts")

@@ -13,12 +13,13 @@ writes the column, and no write path can forget it. :func:`rebuild_statement` re
 every copy from the tables (migrations, bulk loads with the triggers off, and the
 ``decision-facts verify`` check). ``docs/architecture.md`` describes the layout.
 
-Each element is the row :func:`portal.services.decisions.fact_rows` reads, eleven values:
+Each element is what :func:`portal.services.decisions.index_facts` reads, eleven values:
 ``[kind, topic, channel, event id, occurred at, source, wording version, state,
 max per week, quiet start, quiet end]``, where kind is ``s`` (a consent state and its event),
-``x`` (an active suppression, its reason in "source") or ``r`` (a contact rule). Times are
-written in UTC (``YYYY-MM-DD HH:MM:SS.ffffff+00:00``) on both databases. NULL when the
-person has none of the three.
+``x`` (an active suppression, its reason in "source") or ``r`` (a contact rule), in that
+order, suppressions oldest first (the reason a decision shows is the oldest's, as in the
+audience export). Times are written in UTC (``YYYY-MM-DD HH:MM:SS.ffffff+00:00``) on both
+databases. NULL when the person has none of the three.
 
 On PostgreSQL the trigger locks the customer's row before it reads the tables, so two
 transactions writing facts of the same person at once cannot each write a copy that misses
@@ -36,35 +37,38 @@ SOURCES = ("consent_states", "suppressions", "contact_rules")
 
 # The facts of the customer whose id is {cid}, as JSON text, NULL if none.
 _POSTGRESQL_FACTS = """
-SELECT json_agg(r)::text FROM (
-  SELECT json_build_array('s', s.topic_key, s.channel, e.id,
+SELECT json_agg(r ORDER BY k, n)::text FROM (
+  SELECT 0 AS k, e.id AS n, json_build_array('s', s.topic_key, s.channel, e.id,
            to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US"+00:00"'),
            e.source, e.wording_version, s.state, NULL, NULL, NULL) AS r
     FROM consent_states s JOIN consent_events e ON e.id = s.event_id
    WHERE s.customer_id = {cid}
   UNION ALL
-  SELECT json_build_array('x', NULL, x.channel, NULL, NULL, x.reason, NULL, NULL,
+  SELECT 1, x.id, json_build_array('x', NULL, x.channel, NULL, NULL, x.reason, NULL, NULL,
            NULL, NULL, NULL)
     FROM suppressions x WHERE x.customer_id = {cid} AND x.lifted_at IS NULL
   UNION ALL
-  SELECT json_build_array('r', NULL, c.channel, NULL, NULL, NULL, NULL, NULL,
+  SELECT 2, 0, json_build_array('r', NULL, c.channel, NULL, NULL, NULL, NULL, NULL,
            c.max_per_week, c.quiet_start, c.quiet_end)
     FROM contact_rules c WHERE c.customer_id = {cid}
 ) AS facts"""
 
 _SQLITE_FACTS = """
 SELECT CASE WHEN count(*) > 0 THEN json_group_array(json(r)) END FROM (
-  SELECT json_array('s', s.topic_key, s.channel, e.id, e.occurred_at || '+00:00', e.source,
-           e.wording_version, s.state, NULL, NULL, NULL) AS r
+  SELECT 0 AS k, e.id AS n, json_array('s', s.topic_key, s.channel, e.id,
+           e.occurred_at || '+00:00', e.source, e.wording_version, s.state, NULL, NULL,
+           NULL) AS r
     FROM consent_states s JOIN consent_events e ON e.id = s.event_id
    WHERE s.customer_id = {cid}
   UNION ALL
-  SELECT json_array('x', NULL, x.channel, NULL, NULL, x.reason, NULL, NULL, NULL, NULL, NULL)
+  SELECT 1, x.id, json_array('x', NULL, x.channel, NULL, NULL, x.reason, NULL, NULL, NULL,
+           NULL, NULL)
     FROM suppressions x WHERE x.customer_id = {cid} AND x.lifted_at IS NULL
   UNION ALL
-  SELECT json_array('r', NULL, c.channel, NULL, NULL, NULL, NULL, NULL, c.max_per_week,
-           c.quiet_start, c.quiet_end)
+  SELECT 2, 0, json_array('r', NULL, c.channel, NULL, NULL, NULL, NULL, NULL,
+           c.max_per_week, c.quiet_start, c.quiet_end)
     FROM contact_rules c WHERE c.customer_id = {cid}
+  ORDER BY k, n
 )"""
 
 _POSTGRESQL = [
