@@ -23,13 +23,15 @@ It returns tuples in column order and nothing else: no ORM objects, no autoflush
 
 from __future__ import annotations
 
+import queue
 import re
 import select
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import pq
@@ -110,6 +112,9 @@ def _arguments(entry: _Compiled, params: Mapping[str, Any] | None) -> Any:
     return values if entry.positional is None else [values[n] for n in entry.positional]
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 # What plain rows are read from: the request's Session, or a Connection of its own (a request
 # that only reads on PostgreSQL: :func:`portal.db.reads`).
 Reader = Session | Connection
@@ -140,6 +145,7 @@ def fetch_rows(reader: Reader, statement: Executable, params: Mapping[str, Any] 
 # A list parameter at least this long is split across two connections by fetch_rows_split.
 SPLIT_AT = 2000
 _split_pool: ThreadPoolExecutor | None = None
+_helping = threading.local()  # set in the pool's threads
 
 
 def fetch_rows_split(reader: Reader, statement: Executable, params: Mapping[str, Any],
@@ -153,24 +159,81 @@ def fetch_rows_split(reader: Reader, statement: Executable, params: Mapping[str,
     (:func:`portal.db.read_outside_transactions`, :func:`portal.db.reads`: read-only
     operations), where each statement sees the latest commits anyway. Otherwise, and for
     short lists, it is :func:`fetch_rows`."""
-    global _split_pool
     values = params[name]
     conn = _connection(reader)
-    if (len(values) < SPLIT_AT or conn.dialect.name != "postgresql"
-            or (isinstance(reader, Session) and not isinstance(reader.get_bind(), Engine))
-            or not getattr(conn.connection.dbapi_connection, "autocommit", False)):
+    if len(values) < SPLIT_AT or not reads_beside(reader):
         return _fetch(conn, statement, params)
-    if _split_pool is None:  # made in the serving process, after any fork
-        _split_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="carnet-split")
     half = len(values) // 2
-    other = _split_pool.submit(_fetch_beside, conn.engine, statement,
-                               {**params, name: values[half:]})
+    other = _pool().submit(_fetch_beside, conn.engine, statement,
+                           {**params, name: values[half:]})
     rows = _fetch(conn, statement, {**params, name: values[:half]})
     return rows + other.result()
 
 
+def reads_beside(reader: Reader) -> bool:
+    """Whether other connections of the reader's pool may read for it
+    (:func:`fetch_rows_split`, :func:`read_ahead`): on PostgreSQL, for a Session bound to an
+    Engine (or a Connection of its pool) running outside any transaction, where each
+    statement sees the latest commits whichever connection runs it."""
+    if getattr(_helping, "active", False):
+        return False  # a helper thread does not ask the pool for more help: no deadlock
+    conn = _connection(reader)
+    return (conn.dialect.name == "postgresql"
+            and not (isinstance(reader, Session) and not isinstance(reader.get_bind(), Engine))
+            and bool(getattr(conn.connection.dbapi_connection, "autocommit", False)))
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _split_pool
+    if _split_pool is None:  # made in the serving process, after any fork
+        _split_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="carnet-split")
+    return _split_pool
+
+
+def read_ahead(reader: Reader, read: Callable[[Reader, T], R], parts: Sequence[T]
+               ) -> Iterator[R]:
+    """``read(reader, part)`` for each part, in order. Where other connections may read for
+    the reader (:func:`reads_beside`), a helper thread reads the parts one after another on a
+    connection of its own, ahead of the caller, who handles each part while PostgreSQL reads
+    the next: a long batch's reads then overlap its Python work instead of preceding it (two
+    cores: one for PostgreSQL, one for Python). Otherwise each part is read when the caller
+    reaches it. An error while reading a part is raised when the caller reaches that part;
+    if the caller stops early, the helper stops after the part it is reading."""
+    if len(parts) < 2 or not reads_beside(reader):
+        for part in parts:
+            yield read(reader, part)
+        return
+    engine = _connection(reader).engine
+    results: queue.Queue[tuple[bool, Any]] = queue.Queue()
+    stop = threading.Event()
+
+    def ahead() -> None:
+        _helping.active = True
+        try:
+            with engine.connect() as conn:
+                other = conn.execution_options(isolation_level="AUTOCOMMIT")
+                for part in parts:
+                    if stop.is_set():
+                        return
+                    results.put((True, read(other, part)))
+        except BaseException as exc:  # handed to the caller, who raises it
+            results.put((False, exc))
+
+    helper = _pool().submit(ahead)
+    try:
+        for _ in parts:
+            ok, value = results.get()
+            if not ok:
+                raise value
+            yield value
+    finally:
+        stop.set()
+        helper.result()
+
+
 def _fetch_beside(engine: Engine, statement: Executable, params: Mapping[str, Any]
                   ) -> list[tuple[Any, ...]]:
+    _helping.active = True
     with engine.connect() as conn:
         return _fetch(conn.execution_options(isolation_level="AUTOCOMMIT"), statement, params)
 

@@ -18,7 +18,15 @@ from sqlalchemy import Select, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from portal.db import utcnow
-from portal.fast_rows import Reader, dialect_of, fetch_rows, fetch_rows_split, flushed
+from portal.fast_rows import (
+    Reader,
+    dialect_of,
+    fetch_rows,
+    fetch_rows_split,
+    flushed,
+    read_ahead,
+    reads_beside,
+)
 from portal.models.consent import ANY, ConsentState, ContactRule, Suppression
 from portal.models.customer import Customer, ExternalId
 from portal.services import changes
@@ -190,6 +198,12 @@ def resolve_people(session: Reader, refs: Sequence[dict[str, Any]]) -> list[Pers
     return [people.get(key) if key else None for key in keys]
 
 
+# A long batch is read and decided in parts of at most this many questions, each part's reads
+# running while the one before is decided (fast_rows.read_ahead): at most 8 parts for the
+# largest batch, so the number of statements stays bounded whatever the number of questions.
+PART = 1_250
+
+
 def decide_batch(session: Reader, catalog: Catalog,
                  questions: Sequence[tuple[dict[str, Any], str, str]], at: datetime, *,
                  default_timezone: str = "UTC") -> list[Decision]:
@@ -197,30 +211,45 @@ def decide_batch(session: Reader, catalog: Catalog,
     id, email or phone are found with their facts in one statement per kind of identifier
     (:func:`~portal.services.decisions.people_with_facts`); member numbers and external ids
     are resolved first, then their facts read. A constant number of statements whatever the
-    number of questions."""
+    number of questions: on PostgreSQL outside a transaction, the same for each part of
+    :data:`PART` questions, a part's reads overlapping the decisions of the part before."""
     keys = [_lookup_key(ref) if ref else None for ref in (q[0] for q in questions)]
-    by_kind: dict[str, set[Any]] = {}
-    for key in keys:
-        if key is not None and key[0] in LOOKUP_COLUMNS:
-            by_kind.setdefault(key[0], set()).add(key[1])
-    people: dict[tuple[str, Any], Person] = {}
-    copies: list[Copy] = []
-    for kind, values in by_kind.items():
-        found, copied = people_with_facts(session, LOOKUP_COLUMNS[kind].key, list(values))
-        people.update(((kind, value), person) for value, person in found.items())
-        copies += copied
-    elsewhere = [q[0] for q, key in zip(questions, keys, strict=True)
-                 if key is not None and key[0] not in LOOKUP_COLUMNS]
-    if elsewhere:
-        resolved = resolve_people(session, elsewhere)
-        people.update((_lookup_key(ref), person) for ref, person
-                      in zip(elsewhere, resolved, strict=True) if person is not None)
-        copies += copies_of(session, {p.id for p in resolved if p is not None})
-    return decide_many(
-        session, catalog,
-        [(people.get(key) if key is not None else None, topic, channel)
-         for key, (_, topic, channel) in zip(keys, questions, strict=True)],
-        at, default_timezone=default_timezone, copies=copies)
+    size = PART if reads_beside(session) else max(1, len(questions))
+    parts = [range(start, min(start + size, len(questions)))
+             for start in range(0, len(questions), size)]
+
+    def read(reader: Reader, part: range) -> tuple[dict[tuple[str, Any], Person], list[Copy]]:
+        by_kind: dict[str, set[Any]] = {}
+        elsewhere: list[dict[str, Any]] = []
+        for index in part:
+            key = keys[index]
+            if key is None:
+                continue
+            if key[0] in LOOKUP_COLUMNS:
+                by_kind.setdefault(key[0], set()).add(key[1])
+            else:
+                elsewhere.append(questions[index][0])
+        people: dict[tuple[str, Any], Person] = {}
+        copies: list[Copy] = []
+        for kind, values in by_kind.items():
+            found, copied = people_with_facts(reader, LOOKUP_COLUMNS[kind].key, list(values))
+            people.update(((kind, value), person) for value, person in found.items())
+            copies += copied
+        if elsewhere:
+            resolved = resolve_people(reader, elsewhere)
+            people.update((_lookup_key(ref), person) for ref, person
+                          in zip(elsewhere, resolved, strict=True) if person is not None)
+            copies += copies_of(reader, {p.id for p in resolved if p is not None})
+        return people, copies
+
+    decided: list[Decision] = []
+    for part, (people, copies) in zip(parts, read_ahead(session, read, parts), strict=True):
+        decided += decide_many(
+            session, catalog,
+            [(people.get(key) if (key := keys[index]) is not None else None,
+              questions[index][1], questions[index][2]) for index in part],
+            at, default_timezone=default_timezone, copies=copies)
+    return decided
 
 
 def decide_about(session: Reader, catalog: Catalog, ref: dict[str, Any], topic_key: str,

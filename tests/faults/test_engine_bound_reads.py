@@ -3,8 +3,9 @@ connection.
 
 * The NDJSON export written by COPY, people under contact pressure judged as their rows
   pass: exactly the members the paginated export (row by row) lists, and nobody twice.
-* A large batch decision reads its two halves on two connections at once: every answer is
-  the answer to the same question asked alone.
+* A large batch decision is read in parts by a helper thread ahead of its decisions: every
+  answer is the answer to the same question asked alone, and a part that cannot be read
+  answers 503 without leaving anything waiting.
 * Connections run without JIT and keep the options of their URL.
 * A COPY read in part, or failing mid-way, leaves its connection usable.
 * A single decision reads on a connection of its own, in autocommit: one statement, no
@@ -12,17 +13,20 @@ connection.
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
+from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import func, select
-from sqlalchemy.exc import DataError
+from sqlalchemy import event, func, select
+from sqlalchemy.exc import DataError, OperationalError
 
 from portal import fast_rows
 from portal.db import get_engine, make_engine, new_session, utcnow
 from portal.models.consent import ContactRule, Dispatch
 from portal.models.customer import Customer
+from portal.services import identity
 from portal.services.accounts import create_customer
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof, record_consent
@@ -96,16 +100,23 @@ def test_ndjson_export_on_an_engine_lists_each_member_once(live):
     assert len(emails) == len([i for i in range(120) if i % 7]) - len(reached)
 
 
-def test_a_large_batch_read_on_two_connections_answers_as_single_decisions(live,
-                                                                          monkeypatch):
-    # 120 people stand for 10,000: split lists from 50 values on, not 2,000
-    monkeypatch.setattr(fast_rows, "SPLIT_AT", 50)
+def batch_questions(n: int) -> list[dict[str, Any]]:
+    return [{"customer": {"email": f"p{i % 130}@example.com"},  # 10 unknown
+             "topic": ("newsletter", "offers", "account")[i % 3],
+             "channel": "email"} for i in range(n)]
+
+
+def test_a_large_batch_read_ahead_in_parts_answers_as_single_decisions(live, monkeypatch):
+    # 120 people stand for 10,000: parts of 400 questions, not 1,250
+    monkeypatch.setattr(identity, "PART", 400)
     client, headers = live
-    questions = [{"customer": {"email": f"p{i % 130}@example.com"},  # 10 unknown
-                  "topic": ("newsletter", "offers", "account")[i % 3],
-                  "channel": "email"} for i in range(2600)]
-    r = client.post("/api/v1/decisions/batch", json={"items": questions}, headers=headers)
+    questions = batch_questions(2600)
+    with counting(get_engine(client.application)) as tally:
+        r = client.post("/api/v1/decisions/batch", json={"items": questions},
+                        headers=headers)
     assert r.status_code == 200, r.get_json()
+    # seven parts, each looked up in one statement, read by the helper thread ahead
+    assert len([sql for sql in tally.statements if "json_array_elements_text" in sql]) == 7
     together = r.get_json()["results"]
     alone = {}
     for q in questions[:390]:  # every (customer, topic) pair once
@@ -117,6 +128,36 @@ def test_a_large_batch_read_on_two_connections_answers_as_single_decisions(live,
     reasons = {answer["reason"] for answer in together}
     assert {"consented", "withdrawn", "frequency_cap", "required_service",
             "unknown_customer"} <= reasons
+
+
+def test_a_part_that_cannot_be_read_answers_503_and_the_next_batch_is_served(live,
+                                                                           monkeypatch):
+    """The helper thread reading parts ahead loses its connection on the third part: the
+    request answers 503 like any database failure (not a hang, not a partial answer), and
+    the next batch is answered in full."""
+    monkeypatch.setattr(identity, "PART", 400)
+    client, headers = live
+    engine = get_engine(client.application)
+    readers: list[str] = []
+
+    def third_part_fails(_conn: Any, _cursor: Any, sql: str, *_args: Any) -> None:
+        if "json_array_elements_text" in sql:
+            readers.append(threading.current_thread().name)
+            if len(readers) == 3:
+                raise OperationalError(sql, None, Exception("server closed the connection"))
+
+    event.listen(engine, "before_cursor_execute", third_part_fails)
+    try:
+        r = client.post("/api/v1/decisions/batch", json={"items": batch_questions(2600)},
+                        headers=headers)
+    finally:
+        event.remove(engine, "before_cursor_execute", third_part_fails)
+    assert r.status_code == 503, r.get_data(as_text=True)[:300]
+    assert r.headers["Content-Type"] == "application/problem+json"
+    assert readers[2].startswith("carnet-split")  # read ahead, raised in the request
+    r = client.post("/api/v1/decisions/batch", json={"items": batch_questions(2600)},
+                    headers=headers)
+    assert r.status_code == 200 and len(r.get_json()["results"]) == 2600
 
 
 def test_connections_run_without_jit_and_keep_the_options_of_their_url(tmp_path):
