@@ -23,12 +23,11 @@ It returns tuples in column order and nothing else: no ORM objects, no autoflush
 
 from __future__ import annotations
 
-import queue
 import re
 import select
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -190,45 +189,47 @@ def _pool() -> ThreadPoolExecutor:
     return _split_pool
 
 
-def read_ahead(reader: Reader, read: Callable[[Reader, T], R], parts: Sequence[T]
-               ) -> Iterator[R]:
+def read_ahead(reader: Reader, read: Callable[[Reader, T], R], parts: Sequence[T], *,
+               lanes: int = 2) -> Iterator[R]:
     """``read(reader, part)`` for each part, in order. Where other connections may read for
-    the reader (:func:`reads_beside`), a helper thread reads the parts one after another on a
-    connection of its own, ahead of the caller, who handles each part while PostgreSQL reads
-    the next: a long batch's reads then overlap its Python work instead of preceding it (two
-    cores: one for PostgreSQL, one for Python). Otherwise each part is read when the caller
+    the reader (:func:`reads_beside`), ``lanes`` helper threads read the parts ahead of the
+    caller, each on a connection of its own, taking every ``lanes``-th part in turn, while
+    the caller handles each part as soon as it is read: a long batch's reads then overlap
+    its Python work instead of preceding it. Otherwise each part is read when the caller
     reaches it. An error while reading a part is raised when the caller reaches that part;
-    if the caller stops early, the helper stops after the part it is reading."""
+    if the caller stops early, the helpers stop after the part they are reading."""
     if len(parts) < 2 or not reads_beside(reader):
         for part in parts:
             yield read(reader, part)
         return
     engine = _connection(reader).engine
-    results: queue.Queue[tuple[bool, Any]] = queue.Queue()
+    results: list[Future[R]] = [Future() for _ in parts]
     stop = threading.Event()
 
-    def ahead() -> None:
+    def lane(first: int) -> None:
         _helping.active = True
+        index = first
         try:
             with engine.connect() as conn:
                 other = conn.execution_options(isolation_level="AUTOCOMMIT")
-                for part in parts:
+                for index in range(first, len(parts), lanes):
                     if stop.is_set():
                         return
-                    results.put((True, read(other, part)))
+                    results[index].set_result(read(other, parts[index]))
         except BaseException as exc:  # handed to the caller, who raises it
-            results.put((False, exc))
+            pending = next((i for i in range(index, len(parts), lanes)
+                            if not results[i].done()), None)
+            if pending is not None:
+                results[pending].set_exception(exc)
 
-    helper = _pool().submit(ahead)
+    helpers = [_pool().submit(lane, first) for first in range(min(lanes, len(parts)))]
     try:
-        for _ in parts:
-            ok, value = results.get()
-            if not ok:
-                raise value
-            yield value
+        for result in results:
+            yield result.result()
     finally:
         stop.set()
-        helper.result()
+        for helper in helpers:
+            helper.result()
 
 
 def _fetch_beside(engine: Engine, statement: Executable, params: Mapping[str, Any]
