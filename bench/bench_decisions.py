@@ -46,7 +46,6 @@ sys.path.insert(0, str(ROOT))
 
 import portal.models  # noqa: E402,F401
 from portal.db import Base, make_engine  # noqa: E402
-from portal.models import decision_facts  # noqa: E402
 from portal.models.consent import ConsentEvent, ConsentState, ContactRule, Suppression  # noqa: E402
 from portal.models.customer import Customer  # noqa: E402
 from portal.services import api_keys  # noqa: E402
@@ -122,6 +121,9 @@ def copy_rows(engine, table: str, rows: list[dict]) -> None:
 
 
 def seed(url: str, n: int, postgresql: bool) -> str:
+    # imported here: the comparing scripts run this file inside checkouts of older commits
+    from portal.models import decision_facts
+
     engine = make_engine(url)
     Base.metadata.create_all(engine)
     with Session(engine) as session, session.begin():
