@@ -49,15 +49,15 @@ def default_timezone() -> str:
 
 
 def decision_json(d: Decision, explain: bool = False) -> dict[str, Any]:
+    verdict, reason, evidence, next_at, contact, trace = d
     out: dict[str, Any] = {
-        "decision": d.decision, "allowed": d.allowed, "reason": d.reason,
-        "next_allowed_at": (d.next_allowed_at.astimezone(UTC).isoformat()
-                            if d.next_allowed_at else None),
-        "contact": d.contact,
-        "evidence": d.evidence.as_dict() if d.evidence else None,
+        "decision": verdict, "allowed": verdict == "send", "reason": reason,
+        "next_allowed_at": next_at.astimezone(UTC).isoformat() if next_at else None,
+        "contact": contact,
+        "evidence": evidence.as_dict() if evidence else None,
     }
     if explain:
-        out["trace"] = [{"rule": rule, "outcome": outcome} for rule, outcome in d.trace]
+        out["trace"] = [{"rule": rule, "outcome": outcome} for rule, outcome in trace]
     return out
 
 

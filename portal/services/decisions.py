@@ -762,6 +762,8 @@ def _facts_from_copies(
     """Facts for the ``wanted`` keys from the copies of those customers' facts."""
     topics = {t for t, _ in pairs} | {ANY}
     channels = {c for _, c in pairs} | {ANY}
+    copies = copies if isinstance(copies, list) else list(copies)
+    having = {cid for cid, raw in copies if raw is not None}
     states, suppressed, rules = index_facts(copies, topics, channels)
     capped = {cid for (cid, _), r in rules.items() if r.max_per_week}
     sends = recent_sends(session, capped, channels, at)
@@ -774,6 +776,10 @@ def _facts_from_copies(
         if key in facts:
             continue
         cid, topic_key, channel = key
+        if cid not in having:  # no copy: no state, suppression or rule to look for
+            facts[key] = _assemble(by_id[cid], channel, None, None, None, None, None, (),
+                                   resolved.get(channel), default_timezone)
+            continue
         facts[key] = _assemble(
             by_id[cid], channel, get_state(key), get_state((cid, ANY, channel)),
             get_state((cid, ANY, ANY)), get_suppressed((cid, channel)),
@@ -852,14 +858,9 @@ def decide_many(
     Facts are loaded for the questions asked, not for every customer × every pair; or, with
     ``copies``, from those copies of the customers' facts, which must hold the copy of every
     customer asked about who has facts (:func:`people_with_facts`)."""
-    customers: dict[int, Person] = {}
-    pairs: set[tuple[str, str]] = set()
-    wanted: list[tuple[int, str, str]] = []
-    for c, t, ch in questions:
-        if c is not None:
-            customers[c.id] = c
-            pairs.add((t, ch))
-            wanted.append((c.id, t, ch))
+    customers: dict[int, Person] = {c.id: c for c, _, _ in questions if c is not None}
+    pairs = {(t, ch) for c, t, ch in questions if c is not None}
+    wanted = [(c.id, t, ch) for c, t, ch in questions if c is not None]
     if copies is None:
         facts = _load_facts(session, customers, pairs, wanted, at,
                             default_timezone=default_timezone)
