@@ -268,3 +268,35 @@ def test_single_decisions_by_external_id_and_member_number_read_without_a_sessio
         "customer": {"external_id": {"namespace": "crm", "value": "nobody"}},
         "topic": "newsletter", "channel": "email"}).get_json()
     assert ghost["reason"] == "unknown_customer"
+
+
+def test_a_batch_read_ahead_answers_every_kind_of_identifier_as_single_decisions(
+        live, monkeypatch):
+    """Parts read by the helper threads on connections of their own resolve external ids and
+    member numbers too (the longer path), and answer exactly as single decisions."""
+    monkeypatch.setattr(identity, "PART", 10)
+    client, headers = live
+    program = load_program(CATALOG)
+    assert program is not None
+    person = client.put("/api/v1/customers/external/crm/C-7",
+                        json={"email": "p7@example.com"}, headers=headers)
+    assert person.status_code in (200, 201), person.get_json()
+    customer_id = person.get_json()["id"]
+    member = client.post("/api/v1/loyalty/members", headers=headers, json={
+        "customer": customer_id, "terms_version": program.terms.version})
+    assert member.status_code == 201, member.get_json()
+    refs = [{"email": "p7@example.com"}, {"external_id": {"namespace": "crm", "value": "C-7"}},
+            {"member_number": member.get_json()["member_number"]}, {"id": customer_id},
+            {"external_id": {"namespace": "crm", "value": "nobody"}},
+            {"email": "p8@example.com"}, {"email": "ghost@example.com"}]
+    questions = [{"customer": refs[i % len(refs)],
+                  "topic": ("newsletter", "offers", "account")[i % 3], "channel": "email"}
+                 for i in range(63)]  # parts of 2, then 10: seven parts
+    together = client.post("/api/v1/decisions/batch", json={"items": questions},
+                           headers=headers)
+    assert together.status_code == 200, together.get_json()
+    for question, answer in zip(questions, together.get_json()["results"], strict=True):
+        alone = client.post("/api/v1/decisions", json=question, headers=headers).get_json()
+        assert answer == alone, question
+    reasons = {answer["reason"] for answer in together.get_json()["results"]}
+    assert "unknown_customer" in reasons and len(reasons) > 1
