@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 from flask import Flask, current_app
@@ -72,16 +74,22 @@ def load_catalog(path: str | None) -> None:
                f"reworded {report.reworded or '-'}, withdrawn {report.deactivated or '-'}")
 
 
-@facts_cli.command("verify", help="Compare every copy with the tables; exit 1 if any differs.")
-def verify_facts() -> None:
+def _run_facts_sql(statement_for: Callable[[str], str]) -> Any:
+    """Run the statement ``statement_for(dialect)`` of portal.models.decision_facts in a
+    transaction of its own; its result, read before the commit."""
     from sqlalchemy import text
-
-    from portal.models import decision_facts
 
     session = new_session(current_app._get_current_object())  # type: ignore[attr-defined]
     with session.begin():
-        dialect = session.get_bind().dialect.name
-        drifted = session.execute(text(decision_facts.drift_statement(dialect))).scalars().all()
+        result = session.execute(text(statement_for(session.get_bind().dialect.name)))
+        return result.scalars().all() if result.returns_rows else result.rowcount  # type: ignore[attr-defined]
+
+
+@facts_cli.command("verify", help="Compare every copy with the tables; exit 1 if any differs.")
+def verify_facts() -> None:
+    from portal.models import decision_facts
+
+    drifted = _run_facts_sql(decision_facts.drift_statement)
     if drifted:
         shown = ", ".join(str(i) for i in drifted[:20]) + (" ..." if len(drifted) > 20 else "")
         raise click.ClickException(f"{len(drifted)} customers' copies differ from the tables "
@@ -92,14 +100,9 @@ def verify_facts() -> None:
 @facts_cli.command("rebuild", help="Recompute every copy from the tables (after SQL run with "
                    "the triggers disabled, or a partial restore).")
 def rebuild_facts() -> None:
-    from sqlalchemy import text
-
     from portal.models import decision_facts
 
-    session = new_session(current_app._get_current_object())  # type: ignore[attr-defined]
-    with session.begin():
-        dialect = session.get_bind().dialect.name
-        count = session.execute(text(decision_facts.rebuild_statement(dialect))).rowcount  # type: ignore[attr-defined]
+    count = _run_facts_sql(decision_facts.rebuild_statement)
     click.echo(f"rebuilt the copies of {count} customers")
 
 

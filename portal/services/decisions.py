@@ -455,8 +455,8 @@ def restrict_to(dialect: str, query: Select[*tuple[Any, ...]], column: Any, name
     OFFSET 0)`` (the values as one JSON text: :class:`JSONList`). Given
     ``= ANY(:array)`` with thousands of elements the planner preferred a parallel sequential
     scan of every customer, or a hash of every consent state: reasonable for one query alone,
-    but two halves of a batch read side by side (:func:`fetch_rows_split`) then scanned
-    everything twice. ``OFFSET 0`` keeps the planner from flattening the subquery."""
+    but parts of a batch read side by side then scanned everything once each. ``OFFSET 0``
+    keeps the planner from flattening the subquery."""
     if one or dialect != "postgresql":
         return query.where(in_values(dialect, column, name, one=one))
     values = func.json_array_elements_text(cast(bindparam(name, type_=JSONList()), JSON)
@@ -614,12 +614,12 @@ def people_with_facts(session: Reader, lookup: str, values: list[Any]
                       ) -> tuple[dict[Any, PersonRow], list[Copy]]:
     """For a batch: {value: the person decisions are about (the survivor if that record was
     merged)} for the values of the ``lookup`` column found, and the copies of their facts for
-    :func:`decide_many` (:func:`index_facts`): one statement, read in two halves on two
-    connections for long lists (:func:`fetch_rows_split`), and a second one only if some of
-    the records found were merged into others."""
+    :func:`decide_many` (:func:`index_facts`): one statement, and a second one only if some of
+    the records found were merged into others. A long batch calls it once per part, each
+    part on a helper's connection (:func:`portal.fast_rows.read_ahead`)."""
     flushed(session)
     queries = _people_with_facts(dialect_of(session), lookup)
-    rows = fetch_rows_split(session, queries["found"], {"values": values}, "values")
+    rows = fetch_rows(session, queries["found"], {"values": values})
     width = len(PERSON_COLUMNS)
     merged = {row[width - 1] for row in rows if row[width - 1] is not None}
     survivors = {row[0]: row for row in fetch_rows(

@@ -241,21 +241,28 @@ def test_a_single_decision_is_one_statement_that_sees_the_latest_commit(live):
             "SELECT count(*) FROM pg_tables WHERE tablename = 'scratch'").scalar_one() == 0
 
 
-def test_single_decisions_by_external_id_and_member_number_read_without_a_session(live):
-    """Identifiers kept outside the customer row take the longer path (key, then the
-    customer, then the facts), also on the session-free connection: the same answers as by
-    email."""
-    client, headers = live
+def external_member(client: Any, headers: dict[str, str], crm_id: str, email: str
+                    ) -> tuple[str, str]:
+    """The customer with this email given the external id ``crm/<crm_id>`` and enrolled in the
+    loyalty programme: (their public id, their member number)."""
     program = load_program(CATALOG)
     assert program is not None
-    person = client.put("/api/v1/customers/external/crm/C-42",
-                        json={"email": "p2@example.com"}, headers=headers)
+    person = client.put(f"/api/v1/customers/external/crm/{crm_id}", json={"email": email},
+                        headers=headers)
     assert person.status_code in (200, 201), person.get_json()
     customer_id = person.get_json()["id"]
     member = client.post("/api/v1/loyalty/members", headers=headers, json={
         "customer": customer_id, "terms_version": program.terms.version})
     assert member.status_code == 201, member.get_json()
-    number = member.get_json()["member_number"]
+    return customer_id, member.get_json()["member_number"]
+
+
+def test_single_decisions_by_external_id_and_member_number_read_without_a_session(live):
+    """Identifiers kept outside the customer row take the longer path (key, then the
+    customer, then the facts), also on the session-free connection: the same answers as by
+    email."""
+    client, headers = live
+    customer_id, number = external_member(client, headers, "C-42", "p2@example.com")
     for topic in ("newsletter", "offers", "account"):
         answers = [client.post("/api/v1/decisions", headers=headers, json={
             "customer": ref, "topic": topic, "channel": "email"}).get_json()
@@ -276,17 +283,9 @@ def test_a_batch_read_ahead_answers_every_kind_of_identifier_as_single_decisions
     member numbers too (the longer path), and answer exactly as single decisions."""
     monkeypatch.setattr(identity, "PART", 10)
     client, headers = live
-    program = load_program(CATALOG)
-    assert program is not None
-    person = client.put("/api/v1/customers/external/crm/C-7",
-                        json={"email": "p7@example.com"}, headers=headers)
-    assert person.status_code in (200, 201), person.get_json()
-    customer_id = person.get_json()["id"]
-    member = client.post("/api/v1/loyalty/members", headers=headers, json={
-        "customer": customer_id, "terms_version": program.terms.version})
-    assert member.status_code == 201, member.get_json()
+    customer_id, number = external_member(client, headers, "C-7", "p7@example.com")
     refs = [{"email": "p7@example.com"}, {"external_id": {"namespace": "crm", "value": "C-7"}},
-            {"member_number": member.get_json()["member_number"]}, {"id": customer_id},
+            {"member_number": number}, {"id": customer_id},
             {"external_id": {"namespace": "crm", "value": "nobody"}},
             {"email": "p8@example.com"}, {"email": "ghost@example.com"}]
     questions = [{"customer": refs[i % len(refs)],
