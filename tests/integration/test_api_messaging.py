@@ -101,3 +101,18 @@ def test_unsubscribe_links_and_headers(api):
     r = api.post("/unsubscribe-links", {"customer": {"id": "cus_x"}, "topic": "newsletter",
                                         "channel": "email"})
     assert field_errors(r) == {"customer": "unknown_customer"}
+
+
+def test_a_stop_reply_keeps_the_number_out_of_the_append_only_ledger(api, session):
+    from sqlalchemy import select
+
+    from portal.models.consent import ConsentEvent, ConsentProof
+
+    c = api.customer("ledger-sms@example.com", phone="+33644444444")
+    api.post("/inbound/sms", {"from": "+33644444444", "body": "STOP"})
+    event = session.scalars(select(ConsentEvent).where(ConsentEvent.customer_id == c.id)
+                            .order_by(ConsentEvent.id.desc())).first()
+    assert event is not None and event.source == "sms"
+    assert "4444" not in event.actor  # the ledger cannot be rewritten at erasure
+    proof = session.get(ConsentProof, event.id)
+    assert proof is not None and "+33644444444" in (proof.user_agent or "")
