@@ -8,7 +8,7 @@ from flask import Flask, Response, current_app, g, render_template, request
 from flask_babel import gettext as _
 from flask_wtf.csrf import CSRFError
 from sqlalchemy.exc import DBAPIError, OperationalError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 log = logging.getLogger("carnet.errors")
 
@@ -66,6 +66,9 @@ def init_app(app: Flask) -> None:
             message = _titles().get(code, exc.name)
             response = Response(render_template("errors/error.html", code=code,
                                                 message=message), status=code)
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            # RFC 9110 15.5.6: a 405 names the methods the resource does support.
+            response.headers["Allow"] = ", ".join(sorted(set(exc.valid_methods)))
         if code == 429 and exc.response is not None and exc.response.headers.get("Retry-After"):
             response.headers["Retry-After"] = exc.response.headers["Retry-After"]
         return response
