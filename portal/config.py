@@ -88,6 +88,8 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
                                   "count/seconds."),
     "PUSH_BEACON_RATE_LIMIT": ("120/60", str, "Display and click beacons per IP: "
                                "count/seconds."),
+    "DEVICE_LOG_RATE_LIMIT": ("60/300", str, "Apple Wallet device log posts (`/wallet/apple/"
+                              "v1/log`, unauthenticated) per IP: count/seconds (429 beyond)."),
     "APPLE_PASS_TYPE_ID": ("pass.dev.carnet.loyalty", str, "Apple Wallet pass type "
                            "identifier (the `UID` of the Pass Type ID certificate)."),
     "APPLE_TEAM_ID": (None, str, "Apple developer team id (10 characters). Development "
