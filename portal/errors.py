@@ -60,8 +60,10 @@ def init_app(app: Flask) -> None:
     def _http(exc: HTTPException) -> tuple[str, int] | Response:
         code = exc.code or 500
         if _wants_problem():
+            # The class's own sentence: an instance's may carry an exception's text (Flask's
+            # "Failed to decode JSON object: …").
             response = problem(code, exc.name.lower().replace(" ", "-"), exc.name,
-                               exc.description)
+                               type(exc).description)
         else:
             message = _titles().get(code, exc.name)
             response = Response(render_template("errors/error.html", code=code,
