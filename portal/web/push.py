@@ -6,6 +6,9 @@ The panel's JSON endpoints take the CSRF token in ``X-CSRFToken`` and answer pro
 service worker's subscription renewal carry no cookie or token: what they know (an endpoint
 hash and a message id, or the old endpoint itself) is the credential, and they are
 rate-limited per address.
+
+Endpoints pass the destination rule (:mod:`portal.outbound`) when stored and again when the
+worker sends: a push endpoint on a private or reserved network is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from flask import (
 )
 from flask.blueprints import BlueprintSetupState
 from flask_babel import get_locale
+from flask_babel import gettext as _
 from flask_wtf.csrf import validate_csrf
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.wrappers import Response
@@ -75,11 +79,42 @@ def _proof(actor: str) -> Proof:
                  user_agent=request.headers.get("User-Agent"))
 
 
-def _error(status: int, code: str, detail: str, field: str | None = None) -> Response:
+def _error(status: int, code: str, detail: str, field: str | None = None,
+           reason: str | None = None) -> Response:
     extra: dict[str, Any] = {}
     if field:
-        extra["errors"] = [{"field": field, "code": code, "message": detail}]
+        item = {"field": field, "code": code, "message": detail}
+        if reason:
+            item["reason"] = reason
+        extra["errors"] = [item]
     return problem(status, code.replace("_", "-"), detail, detail, **extra)
+
+
+def _input_error(exc: push_service.PushInputError) -> Response:
+    if exc.code == "refused_destination":
+        return _error(422, exc.code, _refused_message(exc.reason), exc.field, exc.reason)
+    return _error(422, exc.code, str(exc), exc.field)
+
+
+def _refused_message(reason: str | None) -> str:
+    """What a person reads when their browser's push service address is refused."""
+    if reason == "private_address":
+        return _("This browser's push service address points to a private or reserved "
+                 "network: notifications cannot be sent there.")
+    if reason == "reserved_name":
+        return _("This browser's push service address uses a host name kept for local "
+                 "networks: notifications cannot be sent there.")
+    if reason == "port":
+        return _("This browser's push service address uses a port notifications cannot be "
+                 "sent to.")
+    if reason == "userinfo":
+        return _("This browser's push service address must not contain a user name or "
+                 "password.")
+    return _("This browser's push service address is not valid.")
+
+
+def _allow_private() -> bool:
+    return bool(current_app.config["WEBHOOK_ALLOW_PRIVATE_NETWORKS"])
 
 
 def _json_body() -> dict[str, Any] | Response:
@@ -211,11 +246,12 @@ def subscribe() -> Response:
     catalog = get_catalog(db)
     try:
         sub_input = push_service.check_subscription(
-            data.get("subscription"), allow_http=push_worker.allow_http(current_app))
+            data.get("subscription"), allow_http=push_worker.allow_http(current_app),
+            allow_private=_allow_private())
         topics = (push_service.check_topics(data["topics"], catalog)
                   if "topics" in data else None)
     except push_service.PushInputError as exc:
-        return _error(422, exc.code, str(exc), exc.field)
+        return _input_error(exc)
     customer = current_customer()
     token = request.cookies.get(DEVICE_COOKIE)
     new_token = push_service.new_device_token() if customer is None and not token else None
@@ -283,9 +319,10 @@ def renew() -> Response:
                       "old_endpoint")
     try:
         new = push_service.check_subscription(
-            data.get("subscription"), allow_http=push_worker.allow_http(current_app))
+            data.get("subscription"), allow_http=push_worker.allow_http(current_app),
+            allow_private=_allow_private())
     except push_service.PushInputError as exc:
-        return _error(422, exc.code, str(exc), exc.field)
+        return _input_error(exc)
     db = get_session()
     with transaction(db):
         renewed = push_service.renew(db, old, new)

@@ -117,7 +117,8 @@ def test_web_push_resumes_after_kill_and_every_browser_gets_it(app, db_url, tmp_
             for _ in range(5):
                 raw = service.new_subscription(application_server_key=keys.public_key)
                 sub, _ = push.save_subscription(
-                    session, push.check_subscription(raw, allow_http=True), customer=None,
+                    session, push.check_subscription(raw, allow_http=True, allow_private=True),
+                    customer=None,
                     device_hash=push.sha256(raw["endpoint"]), user_agent="test", locale="en")
                 push.set_topics(session, catalog, sub, None, ["offers"],
                                 push.Proof("web_push", "test"))

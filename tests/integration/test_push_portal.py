@@ -224,6 +224,46 @@ def test_renewal_keeps_owner_and_choices(client, session):
     assert r.status_code == 404
 
 
+PRIVATE_ENDPOINTS = [
+    "https://127.0.0.1/", "https://169.254.169.254/latest/meta-data/", "https://[::1]/",
+    "https://2130706433/", "https://localhost/", "https://0x7f.1/push/a",
+    "https://[::ffff:10.0.0.1]/", "https://10.1.2.3:8443/push/a", "https://push.local/a",
+    "https://metadata.google.internal/", "https://push.example.net:22/a",
+]
+
+
+@pytest.mark.parametrize("endpoint", PRIVATE_ENDPOINTS)
+def test_a_push_endpoint_on_a_private_network_is_refused(client, session, endpoint):
+    r = call(client, "POST", {"subscription": {**new_sub(), "endpoint": endpoint},
+                              "topics": ["offers"]})
+    assert r.status_code == 422 and r.mimetype == "application/problem+json"
+    error = r.get_json()["errors"][0]
+    assert (error["field"], error["code"]) == ("subscription.endpoint", "refused_destination")
+    assert error["message"].startswith("This browser's push service address")
+    assert session.scalars(select(PushSubscription)).all() == []
+    assert session.scalars(select(ConsentEvent)).all() == []
+
+
+def test_the_refusal_is_in_the_visitors_language(client):
+    r = client.post("/push/subscriptions",
+                    json={"subscription": {**new_sub(), "endpoint": "https://127.0.0.1/"}},
+                    headers={"X-CSRFToken": token(client), "Accept-Language": "fr"})
+    assert r.status_code == 422
+    assert "réseau privé" in r.get_json()["detail"]
+
+
+def test_the_setting_lets_a_local_push_service_through(connection, tmp_path, session):
+    app = create_app(app_config(tmp_path, CARNET_DB_BIND=connection,
+                                VAPID_PRIVATE_KEY=KEYS.private_pem,
+                                WEBHOOK_ALLOW_PRIVATE_NETWORKS=True))
+    client = app.test_client()
+    local = new_sub("http://127.0.0.1:8990")
+    assert call(client, "POST", {"subscription": local}).status_code == 201
+    # Port, userinfo and scheme rules hold whatever the setting.
+    r = call(client, "POST", {"subscription": {**new_sub(), "endpoint": "https://127.0.0.1:22/"}})
+    assert r.status_code == 422 and r.get_json()["errors"][0]["reason"] == "port"
+
+
 def test_beacons_are_validated(client):
     r = client.post("/push/beacons", json={"message": "pm_x", "subscription": "0" * 64,
                                            "event": "displayed"})
