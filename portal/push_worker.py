@@ -94,7 +94,8 @@ def sender(app: Flask) -> WebPushSender:
         return existing
     made = WebPushSender(vapid_keys(app), check_subject(app.config["VAPID_SUBJECT"]),
                          timeout=float(app.config["PUSH_TIMEOUT_SECONDS"]),
-                         allow_http=allow_http(app))
+                         allow_http=allow_http(app),
+                         allow_private=bool(app.config["WEBHOOK_ALLOW_PRIVATE_NETWORKS"]))
     state["sender"] = made
     return made
 

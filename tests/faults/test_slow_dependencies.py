@@ -99,7 +99,7 @@ def test_portal_and_api_answer_while_the_worker_hangs_on_outside_services(
     hook_worker = WorkerProcess(db_url, tmp_path / "worker.log", WEBHOOK_POLL_SECONDS=0.1,
                                 WEBHOOK_TIMEOUT_SECONDS=60, PUSH_POLL_SECONDS=0.1,
                                 PUSH_TIMEOUT_SECONDS=60, VAPID_PRIVATE_KEY=KEYS.private_pem,
-                                VAPID_SUBJECT=SUBJECT)
+                                VAPID_SUBJECT=SUBJECT, WEBHOOK_ALLOW_PRIVATE_NETWORKS=True)
     try:
         with LiveServer(app) as server:
             browser = signed_in_browser(server, customer)

@@ -129,8 +129,10 @@ def test_web_push_resumes_after_kill_and_every_browser_gets_it(app, db_url, tmp_
         message = api_post(client, key, "/push/messages", {
             "topic": "offers", "audience": "all", "title": "Sale", "body": "Half price",
             "url": "/offers", "ttl": 3600})
+        # The local push service listens on 127.0.0.1, a private address: allowed here.
         settings = {"VAPID_PRIVATE_KEY": keys.private_pem, "PUSH_POLL_SECONDS": 0.1,
-                    "PUSH_TIMEOUT_SECONDS": 60, "VAPID_SUBJECT": "mailto:faults@carnet.example"}
+                    "PUSH_TIMEOUT_SECONDS": 60, "VAPID_SUBJECT": "mailto:faults@carnet.example",
+                    "WEBHOOK_ALLOW_PRIVATE_NETWORKS": True}
         first = WorkerProcess(db_url, tmp_path / "push1.log", **settings).start()
         try:
             wait_for(service.stalled.is_set, what="the push service to hold a message")
