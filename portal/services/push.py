@@ -181,13 +181,27 @@ def save_subscription(
     return sub, created
 
 
-def renew(session: Session, old_endpoint: str, new: SubscriptionInput,
+def belongs_to(sub: PushSubscription, customer: Customer | None,
+               device_hash: str | None) -> bool:
+    """The caller's own subscription: the signed-in customer's, or one made in this browser
+    (its device cookie's hash). Knowing the endpoint alone proves neither."""
+    if customer is not None and sub.customer_id == customer.id:
+        return True
+    return device_hash is not None and sub.device_hash == device_hash
+
+
+def renew(session: Session, old_endpoint: str, new: SubscriptionInput, *,
+          customer: Customer | None, device_hash: str | None,
           now: datetime | None = None) -> bool:
     """The browser replaced its subscription (``pushsubscriptionchange``): the same row, so
-    its owner and choices, takes the new endpoint and keys."""
+    its owner and choices, takes the new endpoint and keys.
+
+    Only the caller's own subscription (:func:`belongs_to`) is renewed: re-pointing someone
+    else's row to an endpoint of one's own would deliver their messages to oneself. False,
+    with nothing changed, when there is no such subscription of the caller's."""
     now = now or utcnow()
     sub = find_by_endpoint(session, old_endpoint)
-    if sub is None:
+    if sub is None or not belongs_to(sub, customer, device_hash):
         return False
     other = find_by_endpoint(session, new.endpoint)
     if other is not None and other.id != sub.id:

@@ -2,10 +2,17 @@
 preferences page), the JSON endpoints the panel calls, and the service worker's beacons.
 
 The panel's JSON endpoints take the CSRF token in ``X-CSRFToken`` and answer problem+json
-(never an HTML error page) so the script can show a precise message. Beacons and the
-service worker's subscription renewal carry no cookie or token: what they know (an endpoint
-hash and a message id, or the old endpoint itself) is the credential, and they are
+(never an HTML error page) so the script can show a precise message. Beacons carry no cookie
+or token: what they know (an endpoint hash and a message id) is the credential, and they are
 rate-limited per address.
+
+The service worker's subscription renewal changes where someone's messages go, so it is held
+to what subscribing asks: the CSRF token (the worker has no page to read it from, so it
+fetches one from ``/push/csrf-token`` with the browser's cookies; another site cannot read
+that answer) and ownership (the old subscription is the signed-in customer's, or was made in
+this browser, by its device cookie). Knowing an endpoint is not enough. A renewal the server
+refuses (say, a customer's session ended) is repaired by the panel's re-sync on the next visit
+to the preferences or ``/push`` page, which posts the new subscription with the page's token.
 
 Endpoints pass the destination rule (:mod:`portal.outbound`) when stored and again when the
 worker sends: a push endpoint on a private or reserved network is refused.
@@ -28,7 +35,7 @@ from flask import (
 from flask.blueprints import BlueprintSetupState
 from flask_babel import get_locale
 from flask_babel import gettext as _
-from flask_wtf.csrf import validate_csrf
+from flask_wtf.csrf import generate_csrf, validate_csrf
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.wrappers import Response
 from wtforms.validators import ValidationError
@@ -305,12 +312,23 @@ def unsubscribe() -> Response:
     return Response(status=204)
 
 
+@bp.get("/push/csrf-token")
+def csrf_token() -> Response:
+    """The CSRF token for the service worker, which has no page to read it from. Same-origin
+    only: without CORS another site cannot read the answer, and it is never cached."""
+    response = Response(json.dumps({"csrf_token": generate_csrf()}),
+                        mimetype="application/json")
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 @bp.post("/push/subscriptions/renew")
-@csrf.exempt  # the service worker has no page, so no token: the old endpoint is the credential
+@csrf.exempt  # checked below
 def renew() -> Response:
     """``pushsubscriptionchange``: the browser replaced the subscription. The row keeps its
-    owner and choices and takes the new endpoint and keys."""
-    data = _accept_json("push_subscribe", csrf_header=False)
+    owner and choices and takes the new endpoint and keys; only the caller's own row (signed
+    in as its customer, or this browser's device cookie), and with the CSRF token."""
+    data = _accept_json("push_subscribe", csrf_header=True)
     if isinstance(data, Response):
         return data
     old = data.get("old_endpoint")
@@ -323,11 +341,15 @@ def renew() -> Response:
             allow_private=_allow_private())
     except push_service.PushInputError as exc:
         return _input_error(exc)
+    customer = current_customer()
     db = get_session()
     with transaction(db):
-        renewed = push_service.renew(db, old, new)
+        renewed = push_service.renew(db, old, new, customer=customer,
+                                     device_hash=_device_hash())
     if not renewed:
-        return _error(404, "not_found", "no subscription with this endpoint", "old_endpoint")
+        # The same answer whether the row is missing or someone else's: no oracle.
+        return _error(404, "not_found", "no subscription of this browser with this endpoint",
+                      "old_endpoint")
     return Response(status=204)
 
 

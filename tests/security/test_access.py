@@ -271,8 +271,15 @@ def test_push_subscriptions_of_others_cannot_be_read_changed_or_removed(app, ses
         assert gone.status_code in (404, 422), guess
         renewed = bob_client.post("/push/subscriptions/renew", json={
             "old_endpoint": guess,
-            "subscription": make_fake_subscription("https://push.example.net")[0]})
+            "subscription": make_fake_subscription("https://push.example.net")[0]},
+            headers=headers)
         assert renewed.status_code in (404, 422), guess
+    # The endpoint itself is not enough either to have Ann's messages sent to Bob's browser.
+    renewed = bob_client.post("/push/subscriptions/renew", json={
+        "old_endpoint": ann_sub["endpoint"],
+        "subscription": make_fake_subscription("https://push.example.net")[0]},
+        headers=headers)
+    assert renewed.status_code == 404
     # A visitor who is not signed in cannot take over or re-pick an account's subscription.
     visitor = app.test_client()
     taken = visitor.post("/push/subscriptions", json={"subscription": ann_sub, "topics": []},
@@ -296,6 +303,11 @@ def test_push_json_endpoints_need_the_pages_csrf_token(app, session, ann):
                 else {"endpoint": subscription["endpoint"]})
         response = client.open("/push/subscriptions", method=method, json=body,
                                headers=headers)
+        assert response.status_code == 400
+        assert response.mimetype == "application/problem+json"
+    renewal = {"old_endpoint": subscription["endpoint"], "subscription": subscription}
+    for headers in ({}, {"X-CSRFToken": "forged"}):
+        response = client.post("/push/subscriptions/renew", json=renewal, headers=headers)
         assert response.status_code == 400
         assert response.mimetype == "application/problem+json"
     assert row_counts(session) == before

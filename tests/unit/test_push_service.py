@@ -329,6 +329,24 @@ def test_a_refused_destination_expires_exactly_that_endpoint(session, queued):
     assert sub.expired_reason == "refused_destination" and longer.expired_at is None
 
 
+def test_only_the_callers_own_subscription_is_renewed(session):
+    owner = create_customer(session, "owner@example.com")
+    other = create_customer(session, "other@example.com")
+    mine = subscribe(session, customer=owner)
+    device = subscribe(session, device="dev-9")
+    fresh = push.check_subscription(make_fake_subscription(ORIGIN)[0], allow_http=False)
+    before = (mine.endpoint, device.endpoint)
+    for sub in (mine, device):
+        for customer, device_hash in ((other, None), (None, push.sha256("dev-1")),
+                                      (None, None)):
+            assert not push.renew(session, sub.endpoint, fresh, customer=customer,
+                                  device_hash=device_hash)
+    assert (mine.endpoint, device.endpoint) == before
+    assert push.renew(session, device.endpoint, fresh, customer=None,
+                      device_hash=push.sha256("dev-9"))
+    assert device.endpoint == fresh.endpoint
+
+
 def test_rate_limit_waits_retry_after_and_errors_back_off(session, queued):
     delivery, *_ = queued
     now = utcnow()
