@@ -198,7 +198,7 @@ def test_failing_and_hanging_push_services_are_retried_with_backoff(db_url, tmp_
                                                                      push_service):
     app = make_live_app(db_url, tmp_path, VAPID_PRIVATE_KEY=KEYS.private_pem,
                         VAPID_SUBJECT=SUBJECT, PUSH_TIMEOUT_SECONDS=0.5,
-                        PUSH_RETRY_BASE_SECONDS=60)
+                        PUSH_RETRY_BASE_SECONDS=60, WEBHOOK_ALLOW_PRIVATE_NETWORKS=True)
     try:
         failing = subscribe_browser(app, push_service)
         hanging = subscribe_browser(app, push_service)
