@@ -56,12 +56,13 @@ def api_post(client, key, path, body):
 
 
 def test_webhooks_resume_after_kill_in_order_never_missing(app, db_url, receiver, tmp_path):
+    app.config["WEBHOOK_ALLOW_PRIVATE_NETWORKS"] = True  # the receiver is on 127.0.0.1
     client, key = app.test_client(), make_key(app)
     hook = api_post(client, key, "/webhooks", {"url": receiver.url, "events": ["*"]})
     receiver.secret = hook["secret"]
     start = hook["cursor"]
     settings = {"WEBHOOK_POLL_SECONDS": 0.1, "WEBHOOK_TIMEOUT_SECONDS": 60,
-                "WEBHOOK_RETRY_BASE_SECONDS": 0}
+                "WEBHOOK_RETRY_BASE_SECONDS": 0, "WEBHOOK_ALLOW_PRIVATE_NETWORKS": True}
     first = WorkerProcess(db_url, tmp_path / "worker1.log", **settings).start()
     try:
         for i in range(3):

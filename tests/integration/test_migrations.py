@@ -7,7 +7,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 import portal.models  # noqa: F401
 from portal.cli import alembic_config
@@ -38,4 +38,45 @@ def test_migrations_match_models_and_protect_the_ledger(kind, tmp_path):
             connection.execute(text("UPDATE consent_events SET state = 'withdrawn'"))
         with pytest.raises(Exception, match="append-only"), engine.begin() as connection:
             connection.execute(text("DELETE FROM consent_events"))
+        engine.dispose()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_webhook_delivery_outcomes_are_backfilled_and_error_texts_dropped(kind, tmp_path):
+    """0004 classes the existing attempts from ok/status_code and forgets the stored texts
+    of network errors; the downgrade brings a column back without them."""
+    with fresh_database(kind, tmp_path) as url:
+        engine = make_engine(url)
+        cfg = alembic_config(url)
+
+        def migrate(step, revision: str) -> None:
+            with engine.begin() as connection:
+                cfg.attributes["connection"] = connection  # type: ignore[attr-defined]
+                step(cfg, revision)  # type: ignore[arg-type]
+
+        migrate(command.upgrade, "0003")
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO webhooks (public_id, url, event_types, secret, cursor_txid, "
+                "cursor_id, failures, created_at) VALUES ('whk_m', 'https://h.example.com/', "
+                "'[\"*\"]', 'whsec_m', 0, 0, 0, CURRENT_TIMESTAMP)"))
+            for ok, status, error in ((True, 204, None), (False, 503, "HTTP 503"),
+                                      (False, None, "ConnectError: [Errno 111] 10.0.0.5")):
+                connection.execute(text(
+                    "INSERT INTO webhook_deliveries (webhook_id, change_id, event_type, "
+                    "attempt, ok, status_code, error, duration_ms, attempted_at) SELECT id, 1, "
+                    "'customer.created', 1, :ok, :status, :error, 3, CURRENT_TIMESTAMP "
+                    "FROM webhooks"), {"ok": ok, "status": status, "error": error})
+        migrate(command.upgrade, "0004")
+        with engine.connect() as connection:
+            assert [r[0] for r in connection.execute(text(
+                "SELECT outcome FROM webhook_deliveries ORDER BY id"))] == [
+                "delivered", "http_error", "connection_failed"]
+            columns = {c["name"] for c in inspect(connection).get_columns("webhook_deliveries")}
+            assert "error" not in columns
+        migrate(command.downgrade, "0003")
+        with engine.connect() as connection:
+            assert [r[0] for r in connection.execute(text(
+                "SELECT error FROM webhook_deliveries ORDER BY id"))] == [
+                None, "HTTP 503", "connection_failed"]
         engine.dispose()
