@@ -23,6 +23,7 @@ from portal.models.loyalty import (
     TermsAcceptance,
 )
 from portal.models.push import PushDelivery, PushMessage, PushSubscription, PushTopicChoice
+from portal.models.ratelimit import RateLimitCounter
 from portal.models.wallet import (
     AppleDeviceRegistration,
     ApplePass,
@@ -55,6 +56,7 @@ __all__ = [
     "PushMessage",
     "PushSubscription",
     "PushTopicChoice",
+    "RateLimitCounter",
     "Suppression",
     "TermsAcceptance",
     "Topic",

@@ -124,8 +124,10 @@ def verify(token: str) -> str | Response | tuple[str, int]:
 def login() -> str | Response | tuple[str, int]:
     form = LoginForm()
     if form.validate_on_submit():
-        email = accounts.email_key(form.email.data or "")  # one count per address however spelt
-        wait = ratelimit.hit("login", f"{email}|{request.remote_addr}")
+        email = accounts.email_key(form.email.data or "")  # one count however spelt
+        # Per (address, IP), then per address from anywhere: many IPs do not multiply it.
+        wait = (ratelimit.hit("login", f"{email}|{request.remote_addr}")
+                or ratelimit.hit("login_address", email))
         if wait:
             return _too_many("account/login.html", form, wait)
         with transaction(get_session()):
