@@ -255,6 +255,7 @@ def timing_app(connection: Connection, tmp_path: Path, apple_paths,
                google_key) -> Iterator[Flask]:
     app = create_app(full_config(tmp_path, connection, apple_paths, google_key,
                                  REDIS_URL=None, LOGIN_RATE_LIMIT="100000/60",
+                                 LOGIN_ADDRESS_RATE_LIMIT="100000/60",
                                  LINK_RATE_LIMIT="100000/60"))
     yield app
     apple_wallet(app).close()

@@ -111,7 +111,8 @@ def person(session: Session, monkeypatch: pytest.MonkeyPatch) -> Person:
 @pytest.fixture
 def anonymous(app: Flask, monkeypatch: pytest.MonkeyPatch) -> FlaskClient:
     cheap_passwords(monkeypatch)
-    app.config.update(LOGIN_RATE_LIMIT="100000/60", LINK_RATE_LIMIT="100000/60",
+    app.config.update(LOGIN_RATE_LIMIT="100000/60", LOGIN_ADDRESS_RATE_LIMIT="100000/60",
+                      LINK_RATE_LIMIT="100000/60",
                       SIGNUP_RATE_LIMIT="100000/60", PUSH_SUBSCRIBE_RATE_LIMIT="100000/60",
                       PUSH_BEACON_RATE_LIMIT="100000/60")
     return app.test_client()
