@@ -230,3 +230,15 @@ def test_development_counts_in_memory_unless_told_otherwise(tmp_path, connection
     with pytest.raises(RuntimeError, match="RATE_LIMIT_STORAGE"):
         create_app(app_config(tmp_path, CARNET_DB_BIND=connection,
                               RATE_LIMIT_STORAGE="redis"))   # no REDIS_URL
+
+
+def test_the_database_store_inside_a_request_transaction(connection, tmp_path, session,
+                                                         monkeypatch):
+    """Bound to one connection (as the test suite binds apps), the counters are written in
+    savepoints of it, and the request's own transaction is left alone."""
+    cheap_passwords(monkeypatch)
+    app = create_app(app_config(tmp_path, CARNET_DB_BIND=connection,
+                                RATE_LIMIT_STORAGE="database", LOGIN_RATE_LIMIT="2/300"))
+    assert [log_in(app, "lea@example.com") for _ in range(3)] == [401, 401, 429]
+    assert session.scalar(select(RateLimitCounter.hits).where(
+        RateLimitCounter.key.startswith("carnet:rl:login:"))) == 2
