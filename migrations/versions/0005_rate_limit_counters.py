@@ -1,7 +1,7 @@
 """rate-limit counters every process shares, when no Redis is configured
 
-Revision ID: 0006
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-03 10:00:00
 """
 
@@ -12,8 +12,8 @@ from alembic import op
 
 from portal.db import UTCDateTime
 
-revision = '0006'
-down_revision = '0003'
+revision = '0005'
+down_revision = '0004'
 branch_labels = None
 depends_on = None
 
