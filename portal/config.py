@@ -35,6 +35,9 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "EMAIL_DOUBLE_OPT_IN": (True, _bool, "Marketing email consent stays pending until the "
                             "emailed confirmation link is followed."),
     "LINK_MAX_AGE_DAYS": (7, int, "Validity of emailed sign-in links."),
+    "SESSION_IDLE_MINUTES": (7 * 24 * 60, int, "A signed-in session unused for this long "
+                             "ends (its cookie is refused). Sessions end anyway 31 days after "
+                             "signing in, and at sign out, at a new password or address."),
     "UNSUBSCRIBE_MAX_AGE_DAYS": (400, int, "Validity of one-click unsubscribe links."),
     "REDIS_URL": (None, str, "Optional; rate limits are counted in Redis when set. Nothing "
                   "connects to Redis when it is unset."),

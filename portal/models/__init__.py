@@ -12,7 +12,7 @@ from portal.models.consent import (
     Dispatch,
     Suppression,
 )
-from portal.models.customer import Customer, ExternalId
+from portal.models.customer import Customer, ExternalId, SignInSession, UsedLink
 from portal.models.google_wallet import GoogleNotification, GoogleWalletObject, WalletFeedCursor
 from portal.models.loyalty import (
     IdempotencyRecord,
@@ -57,10 +57,12 @@ __all__ = [
     "PushSubscription",
     "PushTopicChoice",
     "RateLimitCounter",
+    "SignInSession",
     "Suppression",
     "TermsAcceptance",
     "Topic",
     "TopicWording",
+    "UsedLink",
     "WalletFeedCursor",
     "WalletMessage",
     "WalletMessageRecipient",

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from portal.db import utcnow
 from portal.models.consent import ANY, ConsentEvent, ConsentProof, ContactRule, Suppression
 from portal.models.customer import Customer, ExternalId
-from portal.services import changes
+from portal.services import changes, sign_ins
 from portal.services.catalog import Catalog
 from portal.services.consent import Proof, history, record_consent
 from portal.services.preferences import contact_pressure
@@ -145,6 +145,7 @@ def erase_customer(session: Session, customer: Customer, proof: Proof, catalog: 
     session.execute(delete(ContactRule).where(ContactRule.customer_id == customer.id))
     for eraser in erasers:
         eraser(session, customer)
+    sign_ins.end_all(session, customer)  # every signed-in browser, with its user agent
     customer.email = None
     customer.pending_email = None
     customer.password_hash = None

@@ -41,11 +41,12 @@ def register(app: Flask) -> None:
         preferences,
         privacy,
         push,
+        sign_ins,
         unsubscribe,
         verification,
     )
 
     app.before_request(load_customer)
-    for module in (main, account, preferences, unsubscribe, privacy, loyalty, push,
+    for module in (main, account, sign_ins, preferences, unsubscribe, privacy, loyalty, push,
                    verification):
         app.register_blueprint(module.bp)
