@@ -285,7 +285,7 @@ def render_settings(status: int = 200, **forms: FlaskForm) -> tuple[str, int]:
     assert customer is not None
     current = current_sign_in()
     context = {"email_form": ChangeEmailForm(), "password_form": ChangePasswordForm(),
-               "export_form": ExportForm(), "plain": PlainForm(), **forms}
+               "export_form": ExportForm(), **forms}
     return render_template(
         "account/settings.html", locales=LOCALES,
         sessions=sign_ins.active(get_session(), customer, limits()),
