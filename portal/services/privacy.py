@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from portal.db import utcnow
 from portal.models.consent import ANY, ConsentEvent, ConsentProof, ContactRule, Suppression
-from portal.models.customer import Customer, ExternalId
+from portal.models.customer import Customer, ExternalId, SignInSession
 from portal.services import changes, sign_ins
 from portal.services.catalog import Catalog
 from portal.services.consent import Proof, history, record_consent
@@ -116,6 +116,12 @@ def export_data(session: Session, customer: Customer, catalog: Catalog,
              "lifted_at": _iso(s.lifted_at)}
             for s in session.scalars(select(Suppression).where(
                 Suppression.customer_id == customer.id).order_by(Suppression.id))
+        ],
+        "sessions": [
+            {"method": s.method, "user_agent": s.user_agent, "created_at": _iso(s.created_at),
+             "last_seen_at": _iso(s.last_seen_at)}
+            for s in session.scalars(select(SignInSession).where(
+                SignInSession.customer_id == customer.id).order_by(SignInSession.id))
         ],
     }
     for name, exporter in exporters.items():

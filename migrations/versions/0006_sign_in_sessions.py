@@ -1,7 +1,7 @@
 """server-side sign-in sessions (customer_sessions) and single-use link ids (used_links)
 
-Revision ID: 0005
-Revises: 0003
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-12-10 10:00:00
 """
 
@@ -12,8 +12,8 @@ from alembic import op
 
 import portal.db
 
-revision = '0005'
-down_revision = '0003'
+revision = '0006'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
