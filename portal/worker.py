@@ -152,10 +152,26 @@ def purge_idempotency_keys(app: Flask) -> int:
     return removed
 
 
+def purge_sessions(app: Flask) -> int:
+    """Forget sessions that ended by themselves (idle or too old)."""
+    from portal.db import new_session
+    from portal.services import sign_ins
+
+    limits = sign_ins.Limits(
+        idle=timedelta(minutes=float(app.config["SESSION_IDLE_MINUTES"])),
+        lifetime=app.permanent_session_lifetime)
+    session = new_session(app)
+    with session.begin():
+        removed = sign_ins.purge(session, limits)
+    session.close()
+    return removed
+
+
 def init_app(app: Flask) -> None:
     JOBS.setdefault("webhooks.deliver", Job("webhooks.deliver",
                                             float(app.config["WEBHOOK_POLL_SECONDS"]),
                                             deliver_webhooks))
     JOBS.setdefault("webhooks.prune", Job("webhooks.prune", 3600.0, prune_deliveries))
+    JOBS.setdefault("sessions.purge", Job("sessions.purge", 3600.0, purge_sessions))
     JOBS.setdefault("idempotency.purge", Job("idempotency.purge", 3600.0,
                                              purge_idempotency_keys))

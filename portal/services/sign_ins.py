@@ -66,6 +66,13 @@ def _expired(limits: Limits, now: datetime) -> ColumnElement[bool]:
                SignInSession.created_at < now - limits.lifetime)
 
 
+def purge(session: Session, limits: Limits) -> int:
+    """Remove every session that ended by itself, with its user agent: a customer who never
+    comes back must not keep them until erasure."""
+    result = session.execute(delete(SignInSession).where(_expired(limits, utcnow())))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def is_expired(row: SignInSession, limits: Limits, now: datetime) -> bool:
     return row.last_seen_at < now - limits.idle or row.created_at < now - limits.lifetime
 

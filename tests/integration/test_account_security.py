@@ -16,6 +16,7 @@ from portal.models.change import Change
 from portal.models.customer import Customer, SignInSession
 from portal.services import accounts
 from portal.web import links
+from portal.worker import run_once
 from tests.conftest import app_config, csrf_from, path_of, submit
 
 PASSWORD = "correct horse 1"
@@ -378,6 +379,22 @@ def test_a_session_ends_31_days_after_a_password_sign_in_however_active(app, ses
                     .values(created_at=utcnow() - timedelta(days=32)))
     session.commit()
     assert not signed_in(client)
+
+
+def test_the_worker_forgets_sessions_that_ended_by_themselves(app, session):
+    """A customer who never comes back does not keep user agents on file until erasure."""
+    customer = make_customer(session)
+    idle, fresh = app.test_client(), app.test_client()
+    log_in(idle, password=PASSWORD)
+    log_in(fresh, password=PASSWORD)
+    first = min(row.id for row in sessions_of(session, customer))
+    session.execute(update(SignInSession).where(SignInSession.id == first)
+                    .values(last_seen_at=utcnow() - timedelta(days=8)))
+    session.commit()
+    assert run_once(app, ["sessions.purge"]) == {"sessions.purge": 1}
+    assert [row.id for row in sessions_of(session, customer)] != [first]
+    assert len(sessions_of(session, customer)) == 1
+    assert signed_in(fresh)
 
 
 def test_erasure_deletes_the_session_rows(app, session):
