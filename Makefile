@@ -7,6 +7,8 @@ PORT ?= 5000
 CHROMIUM_PATH ?= /usr/bin/chromium
 export CHROMIUM_PATH
 
+AXE := tests/browser/.node/node_modules/axe-core/axe.min.js
+
 .PHONY: run test serve setup-run setup-test chromium translations translations-extract \
         translations-update translations-compile bench lint clean
 
@@ -36,9 +38,21 @@ run: setup-run
 	trap 'kill $$worker 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/flask --app app run --host $(HOST) --port $(PORT)
 
-## make test: install test extras, find or install Chromium, run the whole suite.
-test: $(VENV)/.test-installed translations-compile chromium
+## make test: install test extras, find or install Chromium, install axe-core (the browser
+## tests check every page with it), run the whole suite.
+test: $(VENV)/.test-installed translations-compile chromium $(AXE)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# axe-core from npm, into a git-ignored folder, once.
+$(AXE):
+	@if command -v npm >/dev/null; then :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's npm"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm) >/dev/null; \
+	else \
+	  echo "npm is needed to install axe-core: install it (Debian: apt-get install npm)" >&2; exit 1; \
+	fi
+	npm install --prefix tests/browser/.node --no-audit --no-fund --silent axe-core@4
 
 chromium:
 	@if [ -x "$(CHROMIUM_PATH)" ]; then \
