@@ -17,6 +17,7 @@ from portal.services import accounts, sign_ins
 from portal.services.tokens import PURPOSES, TokenError, new_link_id
 from portal.web import links, transaction
 from portal.web.account import bad_link
+from portal.web.devices import device_name
 from portal.web.forms import PlainForm
 
 bp = Blueprint("sign_ins", __name__)
@@ -24,6 +25,9 @@ bp = Blueprint("sign_ins", __name__)
 # Where a confirmation link may lead back to: the pages that ask for it.
 CONFIRM_TARGETS = {"settings": "account.settings", "delete": "privacy.delete"}
 CONFIRM_MINUTES = int(sign_ins.CONFIRM_FRESH.total_seconds()) // 60
+
+
+bp.add_app_template_filter(device_name, "device_name")
 
 
 @bp.app_context_processor

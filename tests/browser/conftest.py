@@ -203,9 +203,13 @@ def new_page(browser: Browser, live: LiveServer) -> Iterator[Callable[..., Page]
     contexts: list[BrowserContext] = []
     pages: list[Page] = []
 
-    def open_page(locale: str = "en-GB", width: int = 390, height: int = 844) -> Page:
-        context = browser.new_context(locale=locale, base_url=live.url,
-                                      viewport={"width": width, "height": height})
+    def open_page(locale: str = "en-GB", width: int = 390, height: int = 844,
+                  user_agent: str | None = None) -> Page:
+        options: dict[str, Any] = {"locale": locale, "base_url": live.url,
+                                   "viewport": {"width": width, "height": height}}
+        if user_agent is not None:
+            options["user_agent"] = user_agent
+        context = browser.new_context(**options)
         contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(15_000)
