@@ -284,12 +284,15 @@ def render_settings(status: int = 200, **forms: FlaskForm) -> tuple[str, int]:
     customer = current_customer()
     assert customer is not None
     current = current_sign_in()
+    current_id = current.id if current is not None else None
+    # This browser first, then the others, most recently used first.
+    sessions = sorted(sign_ins.active(get_session(), customer, limits()),
+                      key=lambda row: row.id != current_id)
     context = {"email_form": ChangeEmailForm(), "password_form": ChangePasswordForm(),
                "export_form": ExportForm(), **forms}
     return render_template(
         "account/settings.html", locales=LOCALES,
-        sessions=sign_ins.active(get_session(), customer, limits()),
-        current_session_id=current.id if current is not None else None, **context), status
+        sessions=sessions, current_session_id=current_id, **context), status
 
 
 @bp.get("/account")
