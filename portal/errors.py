@@ -8,7 +8,7 @@ from flask import Flask, Response, current_app, g, render_template, request
 from flask_babel import gettext as _
 from flask_wtf.csrf import CSRFError
 from sqlalchemy.exc import DBAPIError, OperationalError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 log = logging.getLogger("carnet.errors")
 
@@ -68,6 +68,8 @@ def init_app(app: Flask) -> None:
                                                 message=message), status=code)
         if code == 429 and exc.response is not None and exc.response.headers.get("Retry-After"):
             response.headers["Retry-After"] = exc.response.headers["Retry-After"]
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:  # RFC 9110: a 405 says
+            response.headers["Allow"] = ", ".join(exc.valid_methods)  # what the URL takes
         return response
 
     @app.errorhandler(OperationalError)

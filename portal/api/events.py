@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from portal.api import api
-from portal.api.common import obj
+from portal.api.common import DATE_TIME, obj
 from portal.api.core import not_found, unprocessable
 from portal.api.schema import Int, Obj, Str
 from portal.api.schemas import WebhookCreate
@@ -21,8 +21,18 @@ EVENT = obj(id={"type": "string"}, sequence={"type": "integer"}, type={"type": "
             data={"type": "object"})
 WEBHOOK = obj(id={"type": "string"}, url={"type": "string"},
               events={"type": "array", "items": {"type": "string"}},
+              description={"type": ["string", "null"]}, created_at=DATE_TIME,
               status={"enum": ["active", "failing", "disabled"]},
-              secret={"type": "string", "description": "Only in the creation answer."})
+              failures={"type": "integer"},
+              next_attempt_at={"type": ["string", "null"], "format": "date-time"},
+              disabled_reason={"type": ["string", "null"]}, cursor={"type": "string"},
+              secret={"type": "string", "description": "Only in the creation answer."},
+              optional=("secret",))
+DELIVERY = obj(id={"type": "integer"}, event={"type": "integer"}, type={"type": "string"},
+               attempt={"type": "integer"}, ok={"type": "boolean"},
+               status_code={"type": ["integer", "null"]}, error={"type": ["string", "null"]},
+               duration_ms={"type": "integer"}, attempted_at=DATE_TIME,
+               next_attempt_at={"type": ["string", "null"], "format": "date-time"})
 
 
 @api.op("GET", "/events", summary="The change feed, in commit order", tag="Events",
@@ -103,7 +113,7 @@ DeliveriesQuery = Obj({"limit": Int(minimum=1, maximum=500)}, name="DeliveriesQu
 
 @api.op("GET", "/webhooks/<webhook_id>/deliveries", summary="Recent delivery attempts",
         tag="Webhooks", scopes=("webhooks:manage",), query=DeliveriesQuery,
-        responses={200: ("Newest first.", obj(items={"type": "array"}))})
+        responses={200: ("Newest first.", obj(items={"type": "array", "items": DELIVERY}))})
 def deliveries(webhook_id: str, query: dict[str, Any]) -> Any:
     session = get_session()
     with session.begin():

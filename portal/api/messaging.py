@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from portal.api import api
-from portal.api.common import obj
+from portal.api.common import DATE_TIME, obj
 from portal.api.core import not_found, unprocessable
 from portal.api.schemas import InboundSms, SuppressionRequest, UnsubscribeLinkRequest
 from portal.db import get_session
@@ -14,10 +14,16 @@ from portal.models.customer import Customer
 from portal.services import identity, suppressions
 from portal.services.catalog import get_catalog
 
+RFC8058: dict[str, Any] = {
+    "type": "object", "required": ["List-Unsubscribe", "List-Unsubscribe-Post"],
+    "properties": {"List-Unsubscribe": {"type": "string"},
+                   "List-Unsubscribe-Post": {"const": "List-Unsubscribe=One-Click"}}}
 ADDRESS_KIND = {"email": "email", "sms": "phone", "voice": "phone"}
 SUPPRESSION = obj(id={"type": "integer"}, customer={"type": "string"},
                   channel={"type": "string"}, reason={"type": "string"},
-                  lifted_at={"type": ["string", "null"]})
+                  address={"type": ["string", "null"]}, source={"type": "string"},
+                  created_at=DATE_TIME, lifted_at={"type": ["string", "null"],
+                                                   "format": "date-time"})
 
 
 @api.op("POST", "/suppressions", summary="Suppress a channel after a bounce, complaint or "
@@ -25,8 +31,6 @@ SUPPRESSION = obj(id={"type": "integer"}, customer={"type": "string"},
         responses={201: ("The suppression.", SUPPRESSION)})
 def suppress(body: dict[str, Any]) -> Any:
     """Name the person by ``customer`` or by the ``address`` that bounced."""
-    if ("customer" in body) == ("address" in body):
-        return unprocessable("exactly_one", "give customer or address", "address")
     channel = body["channel"]
     if "address" in body:
         kind = ADDRESS_KIND.get(channel)
@@ -94,8 +98,7 @@ def inbound_sms(body: dict[str, Any]) -> Any:
 
 @api.op("POST", "/unsubscribe-links", summary="Unsubscribe link and RFC 8058 headers for a "
         "message", tag="Decisions", scopes=("decisions:read",), body=UnsubscribeLinkRequest,
-        responses={200: ("The link and headers.", obj(url={"type": "string"},
-                                                      headers={"type": "object"}))})
+        responses={200: ("The link and headers.", obj(url={"type": "string"}, headers=RFC8058))})
 def unsubscribe_link(body: dict[str, Any]) -> Any:
     from portal.web.links import unsubscribe_headers, unsubscribe_link
 
