@@ -10,7 +10,7 @@ from flask import g
 from portal.api import api
 from portal.api.common import obj
 from portal.api.core import not_found, unprocessable
-from portal.api.schema import Int, Obj, Str
+from portal.api.schema import URL_CHAR, Int, Obj, Str
 from portal.api.schemas import Audience, Topic
 from portal.db import get_session
 from portal.delivery.webpush import MAX_TTL_SECONDS, URGENCIES
@@ -18,7 +18,7 @@ from portal.i18n import LOCALES
 from portal.services import push_messages
 from portal.services.catalog import get_catalog
 
-URL_PATTERN = r"(https?://[^\s]+|/[^\s]*)"
+URL_PATTERN = f"(https?://{URL_CHAR}+|/{URL_CHAR}*)"
 
 Title = Str(min_length=1, max_length=200, description="Notification title.")
 Body = Str(max_length=1000, description="Notification text.")

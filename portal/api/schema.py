@@ -37,6 +37,11 @@ def _join(path: str, name: str | int) -> str:
 
 SLOW = object()  # Field.quick: "take the full path"
 NO_NUL = r"^[^\x00]*$"
+# One character of a URL: neither a control character nor a space. Spelled out, not \s, so
+# that the pattern means the same to Python, which enforces it, and to JSON Schema (ECMA-262),
+# which publishes it.
+URL_CHAR = (r"[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+            r"\ufeff]")
 
 
 class Field:
@@ -170,6 +175,8 @@ class Int(Field):
         return value
 
     def check(self, value: Any, path: str, errors: list[FieldError]) -> Any:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # JSON has numbers only: 120.0 is the integer 120
         if isinstance(value, bool) or not isinstance(value, int):
             errors.append(FieldError(path, "type", "must be an integer"))
             return None

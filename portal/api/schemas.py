@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from portal.api.schema import Arr, Bool, DateTime, Field, FieldError, Int, Obj, Str
+from portal.api.schema import URL_CHAR, Arr, Bool, DateTime, Field, FieldError, Int, Obj, Str
 from portal.models.catalog import CHANNELS
 
 ExternalIdRef = Obj({
@@ -122,7 +122,7 @@ UnsubscribeLinkRequest = Obj({"customer": CustomerRef, "topic": Topic, "channel"
                              name="UnsubscribeLinkRequest")
 
 WebhookCreate = Obj({
-    "url": Str(min_length=8, max_length=2000, pattern=r"https?://[^\s]+",
+    "url": Str(min_length=8, max_length=2000, pattern=f"https?://{URL_CHAR}+",
                example="https://hooks.example.com/carnet"),
     "events": Arr(Str(min_length=1, max_length=64, pattern=r"\*|[a-z_]+\.(\*|[a-z_]+)"),
                   min_items=1, max_items=50, example=["consent.*", "suppression.added"]),
