@@ -43,6 +43,8 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     security.init_app(app)
     ratelimit.init_app(app)
     mailer.init_app(app)
+    load_loyalty_program(app)
+    register_personal_data(app)
     register_web(app)
     from portal import api, worker
 
@@ -57,3 +59,37 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     cli.init_app(app)
     return app
+
+
+def load_loyalty_program(app: Flask) -> None:
+    """The programme of today's catalog (None without a ``[loyalty]`` table) belongs to the
+    app, not to the loyalty page: erasure, the worker and the commands need it too. A broken
+    table stops the start."""
+    from portal.services.loyalty_program import PROGRAM_EXTENSION, load_program
+
+    app.extensions[PROGRAM_EXTENSION] = load_program(app.config["CATALOG_PATH"])
+
+
+def register_personal_data(app: Flask) -> None:
+    """Every domain that holds personal data registers its part of export and erasure on the
+    app (``app.extensions["carnet.privacy"]``), whatever the catalog offers, whichever pages
+    are mounted, and in every process (web, worker, commands). A new domain holding personal
+    data adds its line here."""
+    from portal.services import (
+        loyalty_hooks,
+        privacy,
+        push,
+        push_messages,
+        wallet_apple,
+        wallet_google,
+        wallet_messages,
+    )
+    from portal.services.loyalty_program import PROGRAM_EXTENSION
+
+    hooks = privacy.hooks_of(app.extensions)
+    loyalty_hooks.register_privacy(hooks, app.extensions[PROGRAM_EXTENSION])
+    wallet_apple.register_privacy(hooks)
+    wallet_google.register_privacy(hooks)
+    wallet_messages.register_privacy(hooks)
+    push.register_privacy(hooks)
+    push_messages.register_privacy(hooks)

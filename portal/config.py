@@ -41,6 +41,11 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "SIGNUP_RATE_LIMIT": ("20/3600", str, "Sign ups per IP: count/seconds."),
     "DEFAULT_TIMEZONE": ("Europe/Paris", str, "Time zone of customers who chose none."),
     "API_RATE_LIMIT": ("6000/60", str, "API requests per key: count/seconds (429 beyond)."),
+    "WEBHOOK_ALLOW_PRIVATE_NETWORKS": (False, _bool, "Lets webhook and web push URLs point "
+                                       "to loopback, private and reserved addresses and local "
+                                       "names (`localhost`, `*.local`). Off everywhere, "
+                                       "development included: turn it on only to deliver to a "
+                                       "receiver on your own machine."),
     "WEBHOOK_POLL_SECONDS": (1.0, float, "How often the worker looks for webhook deliveries."),
     "WEBHOOK_TIMEOUT_SECONDS": (10.0, float, "Timeout of one webhook delivery request."),
     "WEBHOOK_RETRY_BASE_SECONDS": (10.0, float, "First retry delay of a failed webhook "
@@ -83,6 +88,8 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
                                   "count/seconds."),
     "PUSH_BEACON_RATE_LIMIT": ("120/60", str, "Display and click beacons per IP: "
                                "count/seconds."),
+    "DEVICE_LOG_RATE_LIMIT": ("60/300", str, "Apple Wallet device log posts (`/wallet/apple/"
+                              "v1/log`, unauthenticated) per IP: count/seconds (429 beyond)."),
     "APPLE_PASS_TYPE_ID": ("pass.dev.carnet.loyalty", str, "Apple Wallet pass type "
                            "identifier (the `UID` of the Pass Type ID certificate)."),
     "APPLE_TEAM_ID": (None, str, "Apple developer team id (10 characters). Development "

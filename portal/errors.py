@@ -60,16 +60,19 @@ def init_app(app: Flask) -> None:
     def _http(exc: HTTPException) -> tuple[str, int] | Response:
         code = exc.code or 500
         if _wants_problem():
+            # The class's own sentence: an instance's may carry an exception's text (Flask's
+            # "Failed to decode JSON object: …").
             response = problem(code, exc.name.lower().replace(" ", "-"), exc.name,
-                               exc.description)
+                               type(exc).description)
         else:
             message = _titles().get(code, exc.name)
             response = Response(render_template("errors/error.html", code=code,
                                                 message=message), status=code)
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            # RFC 9110 15.5.6: a 405 names the methods the resource does support.
+            response.headers["Allow"] = ", ".join(sorted(set(exc.valid_methods)))
         if code == 429 and exc.response is not None and exc.response.headers.get("Retry-After"):
             response.headers["Retry-After"] = exc.response.headers["Retry-After"]
-        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:  # RFC 9110: a 405 says
-            response.headers["Allow"] = ", ".join(exc.valid_methods)  # what the URL takes
         return response
 
     @app.errorhandler(OperationalError)

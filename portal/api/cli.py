@@ -7,6 +7,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from portal.db import new_session
+from portal.services.api_keys import SCOPES
 
 api_keys_cli = AppGroup("api-keys", help="API keys of sending systems.")
 
@@ -18,7 +19,8 @@ def _app() -> object:
 @api_keys_cli.command("create", help="Create a key; it is printed once and never again.")
 @click.argument("name")
 @click.option("--scope", "scopes", multiple=True, required=True,
-              help="Repeat for each scope, e.g. --scope decisions:read.")
+              help="Repeat for each scope, e.g. --scope decisions:read. Scopes: "
+              + ", ".join(SCOPES) + ".")
 def create(name: str, scopes: tuple[str, ...]) -> None:
     from portal.services.api_keys import ApiKeyError, create_key
 

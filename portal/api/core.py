@@ -170,21 +170,63 @@ def _server_timing(started: float) -> str:
     return ", ".join(parts)
 
 
+# What a body the parser refused gets, by cause: fixed sentences, never the exception's text
+# (which names the interpreter's limits and settings, codecs and byte offsets).
+UNREADABLE_BODY = {
+    "utf8": "The body is not valid UTF-8.",
+    "digits": "The body holds a number with too many digits.",
+    "depth": "The body is nested too deeply.",
+    "surrogate": "The body holds text that is not valid Unicode.",
+    "json": "The body is not valid JSON.",
+}
+
+
+def unreadable(cause: str) -> Response:
+    """The 400 problem for a body that cannot be read as JSON."""
+    detail = UNREADABLE_BODY[cause]
+    return problem(400, "malformed-json", "The body is not valid JSON.", detail,
+                   errors=[{"field": "body", "code": f"malformed_{cause}", "message": detail}])
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeError):
+        return "utf8"
+    if isinstance(exc, RecursionError):
+        return "depth"
+    if isinstance(exc, ValueError) and not isinstance(exc, json.JSONDecodeError) \
+            and "digits" in str(exc):
+        return "digits"  # the interpreter's limit on integer conversion (sys.int_info)
+    return "json"
+
+
+def parse_json(raw: bytes) -> Any:
+    """``raw`` as JSON, or the :func:`unreadable` problem. orjson refuses what the standard
+    library accepts (integers past 64 bits, NaN); those still reach validation as before,
+    but text that cannot be encoded back (lone surrogates, ``"\\ud800"``) is refused here."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeError, RecursionError) as exc:
+        return unreadable(_cause(exc))
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return unreadable("surrogate")
+    except (ValueError, RecursionError):  # NaN and the like are the validators' business
+        pass
+    return data
+
+
 def _read_body(spec: Obj) -> dict[str, Any] | Response:
     if request.mimetype not in JSON_TYPES:
         return problem(415, "unsupported-media-type", "Send application/json.",
                        f"Content-Type was '{request.mimetype or 'missing'}'.")
-    raw = request.get_data(cache=True)
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        # orjson refuses what the standard library accepts (integers past 64 bits, NaN);
-        # those still reach validation as before, and its messages name the fault.
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            return problem(400, "malformed-json", "The body is not valid JSON.",
-                           str(exc)[:200])
+    data = parse_json(request.get_data(cache=True))
+    if isinstance(data, Response):
+        return data
     try:
         return spec.parse(data)
     except Invalid as exc:

@@ -37,7 +37,7 @@ TAKEN = {409: "The email, phone or an external id belongs to another customer.",
 
 
 def _problem_from(exc: identity.IdentityError | AccountError) -> Any:
-    if exc.code.endswith("_taken"):
+    if exc.code.endswith("_taken") or exc.code == "email_lookalike":
         return conflict(exc.code.replace("_", "-"), str(exc), exc.field)
     return unprocessable(exc.code, str(exc), exc.field)
 

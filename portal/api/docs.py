@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, Flask, jsonify, render_template, request
+from flask import Blueprint, Flask, current_app, jsonify, render_template
 
 from portal.api import api
 from portal.api.openapi import document
@@ -14,16 +14,22 @@ from portal.api.openapi import document
 pages = Blueprint("api_docs", __name__)
 
 
+def server_url() -> str:
+    """The configured public address (``BASE_URL``), never the request's ``Host`` header: the
+    document is cached by shared caches, so a forged Host would be served to everyone."""
+    return str(current_app.config["BASE_URL"]).rstrip("/") or "/"
+
+
 @api.bp.route("/openapi.json")
 def openapi() -> Any:
-    response = jsonify(document(request.host_url))
+    response = jsonify(document(server_url()))
     response.headers["Cache-Control"] = "public, max-age=300"
     return response
 
 
 @pages.route("/api/docs")
 def reference() -> str:
-    spec = document(request.host_url)
+    spec = document(server_url())
     operations = []
     for path, methods in spec["paths"].items():
         for method, op in methods.items():

@@ -97,9 +97,11 @@ def inbound_sms(body: dict[str, Any]) -> Any:
 
 
 @api.op("POST", "/unsubscribe-links", summary="Unsubscribe link and RFC 8058 headers for a "
-        "message", tag="Decisions", scopes=("decisions:read",), body=UnsubscribeLinkRequest,
+        "message", tag="Decisions", scopes=("links:write",), body=UnsubscribeLinkRequest,
         responses={200: ("The link and headers.", obj(url={"type": "string"}, headers=RFC8058))})
 def unsubscribe_link(body: dict[str, Any]) -> Any:
+    """Whoever follows the link withdraws the customer's consent to the topic on the channel,
+    so minting one needs its own scope, `links:write` (not `decisions:read`)."""
     from portal.web.links import unsubscribe_headers, unsubscribe_link
 
     session = get_session()

@@ -7,6 +7,7 @@ from typing import Any
 
 from portal.api.core import OPERATIONS, Operation
 from portal.api.schema import NO_NUL, Obj
+from portal.services import api_keys
 
 PROBLEM_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -147,7 +148,12 @@ def document(server_url: str = "/") -> dict[str, Any]:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "An API key created with "
-                                           "`flask --app app api-keys create`."}},
+                                           "`flask --app app api-keys create --scope …`; "
+                                           "each operation lists the scopes it accepts. "
+                                           "Scopes: " + ", ".join(
+                                               f"`{s}`" for s in api_keys.SCOPES) + ". "
+                                           "`links:write` mints unsubscribe links, which "
+                                           "withdraw consent when followed."}},
             "schemas": {"Problem": PROBLEM_SCHEMA},
         },
     }

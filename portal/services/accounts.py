@@ -4,6 +4,7 @@ address has an account; callers get the same outcome shape either way."""
 from __future__ import annotations
 
 import secrets
+import unicodedata
 from dataclasses import dataclass
 
 import phonenumbers
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session
 from portal.db import utcnow
 from portal.models.customer import Customer
 from portal.services import changes
+from portal.services.lookalikes import is_lookalike, skeleton
 
 passwords = CryptContext(schemes=["argon2", "bcrypt"], deprecated="auto")
 # Verified against when the address is unknown, so a miss costs as much time as a hit.
@@ -35,11 +37,38 @@ def new_public_id() -> str:
 
 
 def normalize_email(raw: str) -> str:
+    """The one form an address is stored and looked up in: NFKC first (a fullwidth
+    ``ｄemo@example.com`` is ``demo@example.com``), then validated, IDNA-normalized and
+    lower-cased."""
     try:
-        result = validate_email((raw or "").strip(), check_deliverability=False)
+        result = validate_email(unicodedata.normalize("NFKC", raw or "").strip(),
+                                check_deliverability=False)
     except EmailNotValidError as exc:
         raise AccountError("invalid_email", "email") from exc
     return result.normalized.lower()
+
+
+def email_key(raw: str) -> str:
+    """``raw`` in its stored form when it is a valid address, else as typed but with the same
+    folding: what rate limits count per address, so that no spelling of one address escapes
+    the count of another."""
+    try:
+        return normalize_email(raw)
+    except AccountError:
+        return unicodedata.normalize("NFKC", raw or "").strip().lower()
+
+
+def check_not_lookalike(session: Session, email: str, customer: Customer | None = None) -> None:
+    """Refuse a (normalized) address that only differs from an existing customer's by
+    look-alike letters (``dеmo@`` with a Cyrillic ``е`` when ``demo@`` exists): it would be a
+    second customer that people, and the first one's owner, take for the first. An address
+    without such letters is never refused, so nobody can lock the real owner out by taking a
+    look-alike first. Raises ``email_lookalike``, naming no account."""
+    if not is_lookalike(email):
+        return
+    other = find_by_email(session, skeleton(email))
+    if other is not None and other is not customer:
+        raise AccountError("email_lookalike", "email")
 
 
 def normalize_phone(raw: str, region: str | None = None) -> str:
@@ -83,6 +112,8 @@ def create_customer(
 ) -> Customer:
     if email and find_by_email(session, email) is not None:
         raise AccountError("email_taken", "email")
+    if email:
+        check_not_lookalike(session, email)
     if phone and session.scalars(select(Customer).where(Customer.phone == phone)).first():
         raise AccountError("phone_taken", "phone")
     customer = Customer(
@@ -171,6 +202,7 @@ def confirm_email_change(session: Session, customer: Customer, new_email: str) -
         raise AccountError("stale_link", "email")
     if find_by_email(session, new_email) is not None:
         raise AccountError("email_taken", "email")
+    check_not_lookalike(session, new_email, customer)
     customer.email = new_email
     customer.pending_email = None
     customer.email_verified_at = utcnow()

@@ -26,8 +26,10 @@ from portal.services.decisions import Guard
 
 SCOPES: tuple[str, ...] = (
     "decisions:read", "audiences:read", "customers:write", "consent:write", "loyalty:write",
-    "push:send", "webhooks:manage", "events:read",
+    "push:send", "webhooks:manage", "events:read", "links:write",
 )
+# `links:write` mints unsubscribe links, each of which withdraws consent when followed: a key
+# that only reads decisions must not be able to do that, so it is a scope of its own.
 KEY_PREFIX = "carnet_"
 # Recording every use would turn each read into a write; a minute is precise enough to see
 # which keys are still in use before revoking them.

@@ -30,7 +30,14 @@ from portal.fast_rows import (
 from portal.models.consent import ANY, ConsentState, ContactRule, Suppression
 from portal.models.customer import Customer, ExternalId
 from portal.services import changes
-from portal.services.accounts import AccountError, create_customer, normalize_email, normalize_phone
+from portal.services.accounts import (
+    AccountError,
+    check_not_lookalike,
+    create_customer,
+    email_key,
+    normalize_email,
+    normalize_phone,
+)
 from portal.services.catalog import Catalog
 from portal.services.consent import ConsentError, Proof, record_consent
 from portal.services.decisions import (
@@ -85,10 +92,7 @@ def _email(raw: str) -> str:
     if stripped.isascii() and _PLAIN_EMAIL.fullmatch(stripped) \
             and "xn--" not in stripped.lower():
         return stripped.lower()
-    try:
-        return normalize_email(raw)
-    except AccountError:
-        return raw.strip().lower()
+    return email_key(raw)
 
 
 def _phone(raw: str) -> str:
@@ -336,6 +340,12 @@ def _clean_contact(session: Session, data: dict[str, Any], customer: Customer | 
             if other is not None and other is not customer:
                 raise IdentityError(f"{name}_taken", name, f"this {name} belongs to another "
                                     "customer")
+    if data.get("email"):
+        try:
+            check_not_lookalike(session, data["email"], customer)
+        except AccountError as exc:
+            raise IdentityError("email_lookalike", "email", "this email differs from another "
+                                "customer's only by look-alike letters") from exc
 
 
 def _add_external_ids(session: Session, customer: Customer, items: list[dict[str, str]]) -> None:

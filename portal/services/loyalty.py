@@ -269,11 +269,15 @@ def enroll(session: Session, program: LoyaltyProgram, customer: Customer, terms_
     return member
 
 
-def leave(session: Session, program: LoyaltyProgram, member: Member, *, actor: str,
+def leave(session: Session, program: LoyaltyProgram | None, member: Member, *, actor: str,
           at: datetime | None = None) -> None:
     """End the membership. Remaining points are forfeited through an ``expire`` entry; a
     negative balance (debt) is written off through an ``adjust`` entry. The row stays, so
-    the number is never given to anyone else."""
+    the number is never given to anyone else.
+
+    ``program`` is None when the catalog no longer defines the programme: erasure must end
+    the membership all the same. The entries are written as usual, and the tier, which only
+    the programme can name, is left as it was."""
     now = at or utcnow()
     _lock(session, member)
     _require_active(member)
@@ -285,7 +289,8 @@ def leave(session: Session, program: LoyaltyProgram, member: Member, *, actor: s
               reason="debt written off: left the programme", actor=actor, now=now)
     previous = member.tier
     member.left_at = now
-    member.tier = program.base_tier.key
+    if program is not None:
+        member.tier = program.base_tier.key
     if previous != member.tier:
         member.tier_changed_at = now
     changes.emit(session, "loyalty.left", {
@@ -568,22 +573,24 @@ def _append_once(session: Session, values: dict[str, Any]) -> LedgerEntry:
     return inserted
 
 
-def _post(session: Session, program: LoyaltyProgram, member: Member, kind: str, points: int, *,
-          reason: str, actor: str, now: datetime, source_ref: str | None = None,
+def _post(session: Session, program: LoyaltyProgram | None, member: Member, kind: str,
+          points: int, *, reason: str, actor: str, now: datetime, source_ref: str | None = None,
           store: str | None = None, occurred_at: datetime | None = None,
           reverses: LedgerEntry | None = None, lots: Sequence[Lot] | None = None,
           once_per_source: bool = False) -> LedgerEntry:
     """Append one entry and bring lots, balance, tier and the change feed along. The member
     row must be locked by the caller. With ``once_per_source`` (an earn whose order was not
     looked up yet), a duplicate order raises :class:`DuplicateSourceRef` before anything is
-    written, which needs this entry to be the transaction's first write for the member."""
+    written, which needs this entry to be the transaction's first write for the member.
+    Without a ``program`` (see :func:`leave`) credits never expire and the tier stays."""
     occurred_at = occurred_at or now
     credit_lot = points > 0 and kind in CREDIT_KINDS
     values = dict(
         member_id=member.id, kind=kind, points=points, reason=reason[:200],
         source_ref=source_ref, store=store, actor=actor[:120], occurred_at=occurred_at,
         recorded_at=now, reverses_id=reverses.id if reverses is not None else None,
-        expires_at=program.expires_at(occurred_at) if credit_lot else None,
+        expires_at=program.expires_at(occurred_at) if credit_lot and program is not None
+        else None,
     )
     if once_per_source:
         entry = _append_once(session, values)
@@ -627,7 +634,8 @@ def _post(session: Session, program: LoyaltyProgram, member: Member, kind: str, 
             member.lifetime_redeemed -= -reverses.points
     public_id = _public_id(session, member)
     previous_tier = member.tier
-    _refresh_tier(session, program, member, now, entry, public_id)
+    if program is not None:
+        _refresh_tier(session, program, member, now, entry, public_id)
     changes.emit(session, "loyalty.points_changed", {
         "customer": public_id, "member_number": member.member_number,
         "balance": member.balance, "tier": member.tier, "delta": points, "kind": kind,

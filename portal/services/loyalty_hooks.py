@@ -1,9 +1,12 @@
 """The loyalty programme's part of data export, erasure, the demo data and identity.
 
-:func:`install` registers them in ``services.privacy``, ``services.demo`` and
-``services.identity`` (member numbers name customers in the API); the application
-calls it once the programme is loaded (from the loyalty blueprint's registration), so nothing
-happens as an import side effect. Registering again replaces the earlier hooks.
+:func:`register_privacy` adds the export and erasure parts to the application's
+:class:`~portal.services.privacy.PrivacyHooks` when the application is created, whether or
+not today's catalog defines a programme: memberships, terms acceptances and the ledger stay in
+the database when the ``[loyalty]`` table goes, and erasure must still reach them.
+:func:`install` registers the demo data and identity hooks in ``services.demo`` and
+``services.identity`` (member numbers name customers in the API) once the programme is
+loaded. Registering again replaces the earlier hooks.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from portal.db import utcnow
 from portal.fast_rows import Reader
 from portal.models.customer import Customer
 from portal.models.loyalty import LedgerEntry, Member, TermsAcceptance
-from portal.services import demo, identity, privacy
+from portal.services import demo, identity
 from portal.services import loyalty as ledger
 from portal.services.consent import Proof
 from portal.services.loyalty_program import LoyaltyProgram
+from portal.services.privacy import PrivacyHooks
 
 HOOK = "loyalty"
 
@@ -56,9 +60,10 @@ def export_member(session: Session, customer: Customer) -> dict[str, Any] | None
     }
 
 
-def eraser(program: LoyaltyProgram) -> Callable[[Session, Customer], None]:
+def eraser(program: LoyaltyProgram | None) -> Callable[[Session, Customer], None]:
     """Erasure ends the membership (points forfeited) and drops the acceptance's IP and user
-    agent. The ledger stays, pseudonymous, and the number stays taken for ever."""
+    agent. The ledger stays, pseudonymous, and the number stays taken for ever. Without a
+    programme in the catalog the membership ends all the same (see ``loyalty.leave``)."""
 
     def erase_member(session: Session, customer: Customer) -> None:
         member = ledger.member_for(session, customer)
@@ -69,8 +74,13 @@ def eraser(program: LoyaltyProgram) -> Callable[[Session, Customer], None]:
         session.execute(update(TermsAcceptance).where(TermsAcceptance.member_id == member.id)
                         .values(ip=None, user_agent=None))
 
-    erase_member.carnet_hook = HOOK  # type: ignore[attr-defined]
     return erase_member
+
+
+def register_privacy(hooks: PrivacyHooks, program: LoyaltyProgram | None) -> None:
+    """Memberships, terms acceptances and the ledger hold personal data: always registered."""
+    hooks.add_exporter(HOOK, export_member)
+    hooks.add_eraser(HOOK, eraser(program))
 
 
 def demo_extra(program: LoyaltyProgram) -> Callable[[Session, Customer], None]:
@@ -124,8 +134,6 @@ def _replace(hooks: list[Any], hook: Any) -> None:
 
 
 def install(program: LoyaltyProgram) -> None:
-    privacy.EXPORTERS[HOOK] = export_member
-    _replace(privacy.ERASERS, eraser(program))
     _replace(demo.EXTRAS, demo_extra(program))
     identity.member_numbers.find = customers_by_number
     identity.member_numbers.of = numbers_of

@@ -28,6 +28,8 @@ from portal.services.catalog import (
 )
 
 TERMS_KEY = "loyalty_terms"
+#: ``app.extensions`` key of the application's programme (None when the catalog has none).
+PROGRAM_EXTENSION = "carnet.loyalty"
 
 
 class LoyaltyProgramError(CatalogError):

@@ -1,28 +1,80 @@
 """Data access and erasure (GDPR Art. 15, 17). Erasure removes personal data but keeps the
-consent events, pseudonymous, as the proof the law asks for."""
+consent events, pseudonymous, as the proof the law asks for.
+
+The customer's profile and consent are handled here; every other domain that holds personal
+data (loyalty, wallet cards, wallet messages, browser notifications) registers its own part in
+the application's :class:`PrivacyHooks` when the application is created, whatever the catalog
+offers or which pages are mounted. The caller (a view, a command) takes the parts from the
+application and hands them to :func:`export_data` and :func:`erase_customer`, so this module
+knows nothing of Flask.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from portal.db import utcnow
-from portal.models.consent import ANY, ConsentEvent, ConsentProof, ContactRule
+from portal.models.consent import ANY, ConsentEvent, ConsentProof, ContactRule, Suppression
 from portal.models.customer import Customer, ExternalId
 from portal.services import changes
 from portal.services.catalog import Catalog
 from portal.services.consent import Proof, history, record_consent
 from portal.services.preferences import contact_pressure
 
-# Other aggregates (loyalty, wallet, push) add their part of the export and erasure here:
-# name -> f(session, customer) -> data / None.
-EXPORTERS: dict[str, Any] = {}
-ERASERS: list[Any] = []
+#: ``app.extensions`` key of the application's :class:`PrivacyHooks`.
+EXTENSION = "carnet.privacy"
+
+Exporter = Callable[[Session, Customer], Any]
+Eraser = Callable[[Session, Customer], None]
 
 
-def export_data(session: Session, customer: Customer, catalog: Catalog) -> dict[str, Any]:
+class PrivacyHooks:
+    """The parts of export and erasure that domains contribute, by domain name.
+
+    A domain that holds personal data registers both an eraser and an exporter, under the
+    name its part has in the export. Registering a name again replaces the earlier hook, so
+    wiring an application twice does not erase twice.
+    """
+
+    def __init__(self) -> None:
+        self._erasers: dict[str, Eraser] = {}
+        self._exporters: dict[str, Exporter] = {}
+
+    def add_eraser(self, name: str, eraser: Eraser) -> None:
+        self._erasers[name] = eraser
+
+    def add_exporter(self, name: str, exporter: Exporter) -> None:
+        self._exporters[name] = exporter
+
+    @property
+    def erasers(self) -> list[Eraser]:
+        """In registration order."""
+        return list(self._erasers.values())
+
+    @property
+    def exporters(self) -> dict[str, Exporter]:
+        return dict(self._exporters)
+
+    @property
+    def domains(self) -> set[str]:
+        """Names with an eraser or an exporter."""
+        return set(self._erasers) | set(self._exporters)
+
+
+def hooks_of(extensions: MutableMapping[str, Any]) -> PrivacyHooks:
+    """The application's hooks (``app.extensions``), created on first use."""
+    hooks: PrivacyHooks = extensions.setdefault(EXTENSION, PrivacyHooks())
+    return hooks
+
+
+def export_data(session: Session, customer: Customer, catalog: Catalog,
+                exporters: Mapping[str, Exporter]) -> dict[str, Any]:
+    """Everything held about ``customer``: the profile and consent, then each domain's part
+    (``exporters``: the application's :attr:`PrivacyHooks.exporters`)."""
     from portal.services.decisions import consent_matrix
 
     matrix = consent_matrix(session, catalog, customer, utcnow())
@@ -58,8 +110,15 @@ def export_data(session: Session, customer: Customer, catalog: Catalog) -> dict[
              "wording_version": e.wording_version}
             for e in history(session, [customer.id], limit=100_000)
         ],
+        "suppressions": [
+            {"channel": s.channel, "reason": s.reason, "address": s.address,
+             "source": s.source, "created_at": _iso(s.created_at),
+             "lifted_at": _iso(s.lifted_at)}
+            for s in session.scalars(select(Suppression).where(
+                Suppression.customer_id == customer.id).order_by(Suppression.id))
+        ],
     }
-    for name, exporter in EXPORTERS.items():
+    for name, exporter in exporters.items():
         data[name] = exporter(session, customer)
     return data
 
@@ -68,8 +127,10 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def erase_customer(session: Session, customer: Customer, proof: Proof, catalog: Catalog) -> None:
-    """Withdraw everything (as a last, provable event), then remove the personal data."""
+def erase_customer(session: Session, customer: Customer, proof: Proof, catalog: Catalog,
+                   erasers: Iterable[Eraser]) -> None:
+    """Withdraw everything (as a last, provable event), then remove the personal data, each
+    domain's part through ``erasers`` (the application's :attr:`PrivacyHooks.erasers`)."""
     if customer.erased_at is not None:
         return
     record_consent(session, customer, ANY, ANY, "withdrawn", proof, catalog=catalog)
@@ -78,9 +139,11 @@ def erase_customer(session: Session, customer: Customer, proof: Proof, catalog: 
         update(ConsentProof).where(ConsentProof.event_id.in_(event_ids))
         .values(ip=None, user_agent=None)
     )
+    session.execute(update(Suppression).where(Suppression.customer_id == customer.id)
+                    .values(address=None))
     session.execute(delete(ExternalId).where(ExternalId.customer_id == customer.id))
     session.execute(delete(ContactRule).where(ContactRule.customer_id == customer.id))
-    for eraser in ERASERS:
+    for eraser in erasers:
         eraser(session, customer)
     customer.email = None
     customer.pending_email = None

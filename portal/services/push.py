@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from portal.db import utcnow
@@ -29,6 +29,7 @@ from portal.models.push import PushSubscription, PushTopicChoice
 from portal.services.catalog import Catalog, TopicInfo
 from portal.services.consent import Proof, proof_digest, record_consent
 from portal.services.decisions import Evidence, Facts
+from portal.services.privacy import PrivacyHooks
 
 CHANNEL = "web_push"
 MAX_TOPICS = 50
@@ -374,19 +375,38 @@ def device_facts(session: Session, subs: Sequence[PushSubscription],
 # --- privacy ---------------------------------------------------------------------------------
 
 
+EXPORT_NAME = "web_push_subscriptions"
+
+
 def export_subscriptions(session: Session, customer: Customer) -> list[dict[str, Any]]:
+    """Each browser: when it subscribed, its user agent, and the topics chosen on it."""
+    subs = list(session.scalars(select(PushSubscription).where(
+        PushSubscription.customer_id == customer.id).order_by(PushSubscription.id)))
+    choices: dict[int, list[dict[str, Any]]] = {}
+    for choice in session.scalars(select(PushTopicChoice).where(
+            PushTopicChoice.subscription_id.in_([s.id for s in subs]))
+            .order_by(PushTopicChoice.subscription_id, PushTopicChoice.topic_key)):
+        choices.setdefault(choice.subscription_id, []).append(
+            {"topic": choice.topic_key, "state": choice.state,
+             "updated_at": choice.updated_at.isoformat()})
     return [
         {"id": s.public_id, "created_at": s.created_at.isoformat(),
          "last_seen_at": s.last_seen_at.isoformat(), "user_agent": s.user_agent,
-         "active": active(s)}
-        for s in session.scalars(select(PushSubscription).where(
-            PushSubscription.customer_id == customer.id).order_by(PushSubscription.id))
+         "active": active(s), "topics": choices.get(s.id, [])}
+        for s in subs
     ]
 
 
 def erase_subscriptions(session: Session, customer: Customer) -> None:
-    """Expire and blank the customer's subscriptions; rows stay because device consent events
-    may point at them."""
+    """Expire and blank the customer's subscriptions and drop the topics chosen on them; the
+    rows stay because device consent events may point at them. Those events (chosen before
+    the browser was signed in) stay as proof, pseudonymous like the customer's own: their
+    address and user agent go."""
+    subs = select(PushSubscription.id).where(PushSubscription.customer_id == customer.id)
+    session.execute(delete(PushTopicChoice).where(PushTopicChoice.subscription_id.in_(subs)))
+    device_events = select(ConsentEvent.id).where(ConsentEvent.push_subscription_id.in_(subs))
+    session.execute(update(ConsentProof).where(ConsentProof.event_id.in_(device_events))
+                    .values(ip=None, user_agent=None))
     for sub in session.scalars(select(PushSubscription).where(
             PushSubscription.customer_id == customer.id)):
         sub.endpoint = f"erased:{sub.public_id}"
@@ -396,3 +416,9 @@ def erase_subscriptions(session: Session, customer: Customer) -> None:
         sub.device_hash = None
         sub.expired_at = sub.expired_at or utcnow()
         sub.expired_reason = "erased"
+
+
+def register_privacy(hooks: PrivacyHooks) -> None:
+    """Subscriptions (endpoint, keys, user agent) and device choices are personal data."""
+    hooks.add_exporter(EXPORT_NAME, export_subscriptions)
+    hooks.add_eraser(EXPORT_NAME, erase_subscriptions)

@@ -31,6 +31,7 @@ from portal.models.push import PushDelivery, PushMessage, PushSubscription
 from portal.services import push
 from portal.services.catalog import Catalog
 from portal.services.decisions import Decision, decide, load_facts
+from portal.services.privacy import PrivacyHooks
 
 SENDER = "carnet-web-push"
 TEXT_FIELDS = ("title", "body", "url", "icon")
@@ -370,3 +371,49 @@ def record_beacon(session: Session, message_public_id: str, endpoint_hash: str, 
         row.clicked_at = row.clicked_at or now
     return True
 
+
+
+# --- privacy ---------------------------------------------------------------------------------
+
+EXPORT_NAME = "web_push_messages"
+
+
+def _own_deliveries(customer: Customer) -> Any:
+    return select(PushDelivery.id).join(
+        PushSubscription, PushSubscription.id == PushDelivery.subscription_id).where(
+        PushSubscription.customer_id == customer.id)
+
+
+def export_deliveries(session: Session, customer: Customer) -> list[dict[str, Any]]:
+    """The notifications sent (or meant) to the customer's browsers, and what became of them."""
+    rows = session.execute(
+        select(PushDelivery, PushMessage, PushSubscription.public_id)
+        .join(PushMessage, PushMessage.id == PushDelivery.message_id)
+        .join(PushSubscription, PushSubscription.id == PushDelivery.subscription_id)
+        .where(PushDelivery.id.in_(_own_deliveries(customer))).order_by(PushDelivery.id))
+    return [
+        {"message": message.public_id, "topic": message.topic_key, "title": message.title,
+         "subscription": subscription, "status": delivery.status, "reason": delivery.reason,
+         "sent_at": _iso(delivery.sent_at), "displayed_at": _iso(delivery.displayed_at),
+         "clicked_at": _iso(delivery.clicked_at)}
+        for delivery, message, subscription in rows
+    ]
+
+
+def erase_deliveries(session: Session, customer: Customer) -> None:
+    """Nothing more is sent: queued deliveries end now rather than when a worker claims them.
+    The rows stay, pseudonymous, in the message's counts."""
+    session.execute(
+        update(PushDelivery).where(PushDelivery.id.in_(_own_deliveries(customer)),
+                                   PushDelivery.status == "queued")
+        .values(status="expired", reason="erased", leased_until=None)
+        .execution_options(synchronize_session=False))
+
+
+def register_privacy(hooks: PrivacyHooks) -> None:
+    hooks.add_exporter(EXPORT_NAME, export_deliveries)
+    hooks.add_eraser(EXPORT_NAME, erase_deliveries)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None

@@ -98,6 +98,9 @@ def inbound_sms(session: Session, catalog: Catalog, customer: Customer | None,
     if customer is None:
         return InboundResult(keyword, None, "unknown_sender")
     if customer.erased_at is None:
+        # The sending number is personal data: it goes to the proof's erasable part (the
+        # append-only ledger keeps only "the person replied by SMS" and the proof's digest).
         record_consent(session, customer, ANY, "sms", "withdrawn",
-                       Proof(source="sms", actor=f"sms:{sender}"[:120]), catalog=catalog)
+                       Proof(source="sms", actor="sms-reply", user_agent=f"SMS from {sender}"),
+                       catalog=catalog)
     return InboundResult(keyword, customer, "withdrawn_sms")

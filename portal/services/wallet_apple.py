@@ -40,6 +40,7 @@ from portal.services import changes, feed
 from portal.services import loyalty as ledger
 from portal.services.catalog import LOCALES
 from portal.services.loyalty_program import LoyaltyProgram
+from portal.services.privacy import PrivacyHooks
 
 log = logging.getLogger("carnet.wallet.apple")
 
@@ -456,16 +457,51 @@ def _start_following(session: Session) -> None:
     session.execute(statement)
 
 
+EXPORT_NAME = "apple_wallet"
+
+
+def export_card(session: Session, customer: Customer) -> dict[str, Any] | None:
+    """The customer's Apple Wallet card: its serial, the devices holding it (their library
+    ids; push tokens and the card's token are credentials and stay out) and its news."""
+    row = session.execute(
+        select(ApplePass, Member.id).join(Member, Member.id == ApplePass.member_id)
+        .where(Member.customer_id == customer.id)).first()
+    if row is None:
+        return None
+    apple_pass, member_id = row
+    return {
+        "serial_number": apple_pass.serial_number,
+        "created_at": apple_pass.created_at.isoformat(),
+        "updated_at": apple_pass.updated_at.isoformat(),
+        "devices": [
+            {"device_library_identifier": r.device_library_identifier,
+             "registered_at": r.created_at.isoformat(), "updated_at": r.updated_at.isoformat()}
+            for r in registrations(session, apple_pass)
+        ],
+        "news": [
+            {"header": n.header, "body": n.body, "message": n.message_ref,
+             "created_at": n.created_at.isoformat()}
+            for n in session.scalars(select(WalletNews).where(WalletNews.member_id == member_id)
+                                     .order_by(WalletNews.id))
+        ],
+    }
+
+
 def erase_devices(session: Session, customer: Customer) -> None:
     """Erasure: forget which devices hold the person's card. Device library ids and push
-    tokens identify a phone; queued pushes go with their registrations (ON DELETE CASCADE)."""
-    passes = (
-        select(ApplePass.id)
-        .join(Member, Member.id == ApplePass.member_id)
-        .where(Member.customer_id == customer.id)
-    )
+    tokens identify a phone; queued pushes go with their registrations (ON DELETE CASCADE).
+    The news shown on the card goes too; the pass row stays (its serial is pseudonymous)."""
+    members = select(Member.id).where(Member.customer_id == customer.id)
+    passes = select(ApplePass.id).where(ApplePass.member_id.in_(members))
     registrations = select(AppleDeviceRegistration.id).where(
         AppleDeviceRegistration.pass_id.in_(passes))
     session.execute(delete(ApplePush).where(ApplePush.registration_id.in_(registrations)))
     session.execute(delete(AppleDeviceRegistration).where(
         AppleDeviceRegistration.pass_id.in_(passes)))
+    session.execute(delete(WalletNews).where(WalletNews.member_id.in_(members)))
+
+
+def register_privacy(hooks: PrivacyHooks) -> None:
+    """Device registrations (library ids, push tokens) and card news are personal data."""
+    hooks.add_exporter(EXPORT_NAME, export_card)
+    hooks.add_eraser(EXPORT_NAME, erase_devices)

@@ -44,6 +44,7 @@ from portal.models.loyalty import Member
 from portal.services import feed
 from portal.services import loyalty as ledger
 from portal.services.loyalty_program import LoyaltyProgram
+from portal.services.privacy import PrivacyHooks
 
 CONSUMER = "google_wallet"
 #: The changes that alter what a card shows.
@@ -498,3 +499,47 @@ def saved_cards(session: Session, customer_ids: list[int]) -> dict[int, str]:
         .join(GoogleWalletObject, GoogleWalletObject.member_id == Member.id)
         .where(and_(Member.customer_id.in_(customer_ids), Member.left_at.is_(None),
                     GoogleWalletObject.saved_at.is_not(None)))).all())
+
+
+# --- privacy ------------------------------------------------------------------------------------
+
+EXPORT_NAME = "google_wallet"
+
+
+def export_card(session: Session, customer: Customer) -> dict[str, Any] | None:
+    """The customer's Google Wallet card as this side knows it."""
+    row = session.execute(
+        select(GoogleWalletObject).join(Member, Member.id == GoogleWalletObject.member_id)
+        .where(Member.customer_id == customer.id)).scalars().first()
+    if row is None:
+        return None
+    notifications = session.scalars(select(GoogleNotification).where(
+        GoogleNotification.object_row_id == row.id).order_by(GoogleNotification.id))
+    return {
+        "object_id": row.object_id,
+        "link_issued_at": _iso(row.link_issued_at), "saved_at": _iso(row.saved_at),
+        "synced_at": _iso(row.synced_at), "points": row.synced_points,
+        "tier": row.synced_tier, "state": row.synced_state,
+        "notifications": [{"kind": n.kind, "sent_at": _iso(n.sent_at)}
+                          for n in notifications],
+    }
+
+
+def erase_card(session: Session, customer: Customer) -> None:
+    """The row stays so that the worker can still set the card INACTIVE at Google (the
+    membership's end is on the change feed); the last error, which may quote Google's
+    answer about this member's object, goes."""
+    members = select(Member.id).where(Member.customer_id == customer.id)
+    session.execute(update(GoogleWalletObject)
+                    .where(GoogleWalletObject.member_id.in_(members))
+                    .values(last_error=None)
+                    .execution_options(synchronize_session=False))
+
+
+def register_privacy(hooks: PrivacyHooks) -> None:
+    hooks.add_exporter(EXPORT_NAME, export_card)
+    hooks.add_eraser(EXPORT_NAME, erase_card)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None

@@ -45,6 +45,7 @@ from portal.models.wallet_message import (
 )
 from portal.services import decisions, identity
 from portal.services.catalog import Catalog
+from portal.services.privacy import PrivacyHooks
 from portal.services.wallet_google import Backoff, may_notify, saved_cards
 
 CHANNEL = "wallet"
@@ -411,3 +412,43 @@ def summary(session: Session, message: WalletMessage) -> dict[str, Any]:
         "recipients": len({cid for _, _, _, cid in rows}),
         "platforms": platforms,
     }
+
+
+# --- privacy ------------------------------------------------------------------------------------
+
+EXPORT_NAME = "wallet_messages"
+
+
+def export_recipients(session: Session, customer: Customer) -> list[dict[str, Any]]:
+    """The wallet messages meant for the customer, per card, and what became of them."""
+    rows = session.execute(
+        select(WalletMessageRecipient, WalletMessage)
+        .join(WalletMessage, WalletMessage.id == WalletMessageRecipient.message_id)
+        .where(WalletMessageRecipient.customer_id == customer.id)
+        .order_by(WalletMessageRecipient.id))
+    return [
+        {"message": message.public_id, "topic": message.topic_key, "header": message.header,
+         "body": message.body, "platform": row.platform, "decision": row.decision,
+         "reason": row.reason, "status": row.status,
+         "sent_at": row.sent_at.isoformat() if row.sent_at else None}
+        for row, message in rows
+    ]
+
+
+def erase_recipients(session: Session, customer: Customer) -> None:
+    """Queued rows are delivered without a second decision: an erased person's are skipped
+    now. The rows stay, pseudonymous, in the message's counts; their errors go."""
+    session.execute(
+        update(WalletMessageRecipient)
+        .where(WalletMessageRecipient.customer_id == customer.id,
+               WalletMessageRecipient.status == "queued")
+        .values(status="skipped", reason="erased", leased_until=None, next_attempt_at=None)
+        .execution_options(synchronize_session=False))
+    session.execute(
+        update(WalletMessageRecipient).where(WalletMessageRecipient.customer_id == customer.id)
+        .values(error=None).execution_options(synchronize_session=False))
+
+
+def register_privacy(hooks: PrivacyHooks) -> None:
+    hooks.add_exporter(EXPORT_NAME, export_recipients)
+    hooks.add_eraser(EXPORT_NAME, erase_recipients)

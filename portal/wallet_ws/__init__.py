@@ -20,11 +20,6 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(apple.bp)
     app.register_blueprint(wallet_apple.bp)
     app.context_processor(wallet_apple.badge_context)
-    from portal.services import privacy
-    from portal.services.wallet_apple import erase_devices
-
-    if erase_devices not in privacy.ERASERS:
-        privacy.ERASERS.append(erase_devices)
     every = float(app.config["APPLE_PUSH_POLL_SECONDS"])
     worker.periodic("wallet.apple.follow", every)(jobs.follow_feed)
     worker.periodic("wallet.apple.push", every)(jobs.send_pushes)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from typing import Any, Final
 
 from flask import Blueprint, Response, abort, jsonify, request
 
+from portal import ratelimit
 from portal.db import get_session
+from portal.errors import problem
 from portal.models.loyalty import Member
 from portal.models.wallet import ApplePass
 from portal.services import wallet_apple
@@ -31,6 +34,8 @@ SERIAL_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PUSH_TOKEN_RE: Final = re.compile(r"[0-9A-Fa-f]{16,200}")
 TOKEN_RE: Final = re.compile(r"[\x21-\x7e]{16,200}")
 MAX_LOG_LINES: Final = 50
+MAX_LOG_LINE_CHARS: Final = 500
+MAX_LOG_BODY_BYTES: Final = 64 * 1024
 
 
 def _check(pattern: re.Pattern[str], value: str) -> str:
@@ -137,11 +142,37 @@ def latest_pass(pass_type: str, serial: str) -> Response:
     return response
 
 
+def _printable(line: str) -> str:
+    """One log line as text that cannot pass for another: every control, format, surrogate or
+    line/paragraph separator character (``\\n``, ``\\r``, ESC, U+202E, U+2028…) is written as
+    its ``\\uXXXX`` escape, so a device (or anyone posting here) cannot start a forged line,
+    colour a terminal or reverse text. Cut to :data:`MAX_LOG_LINE_CHARS` first."""
+    out = []
+    for char in line[:MAX_LOG_LINE_CHARS]:
+        if unicodedata.category(char)[0] == "C" or unicodedata.category(char) in ("Zl", "Zp"):
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 @bp.post("/v1/log")
-def device_log() -> tuple[str, int]:
+def device_log() -> Response | tuple[str, int]:
+    """Apple's devices post their web-service errors here, without credentials: anyone can.
+    Counted per address (``DEVICE_LOG_RATE_LIMIT``, 429 beyond), the body capped, and each
+    line escaped and cut before it reaches the log. A well-formed body is answered 200."""
+    wait = ratelimit.hit("device_log", request.remote_addr or "-")
+    if wait:
+        response = problem(429, "rate-limited", "Too many requests.",
+                           f"Retry after {wait} seconds.")
+        response.headers["Retry-After"] = str(wait)
+        return response
+    request.max_content_length = MAX_LOG_BODY_BYTES
     logs = _json_object().get("logs")
     if not isinstance(logs, list) or not all(isinstance(line, str) for line in logs):
         abort(400)
     for line in logs[:MAX_LOG_LINES]:
-        log.info("device: %s", line[:1000])
+        log.info("device: %s", _printable(line))
+    if len(logs) > MAX_LOG_LINES:
+        log.info("device: %d more lines not logged", len(logs) - MAX_LOG_LINES)
     return "", 200

@@ -124,7 +124,7 @@ def verify(token: str) -> str | Response | tuple[str, int]:
 def login() -> str | Response | tuple[str, int]:
     form = LoginForm()
     if form.validate_on_submit():
-        email = (form.email.data or "").strip().lower()
+        email = accounts.email_key(form.email.data or "")  # one count per address however spelt
         wait = ratelimit.hit("login", f"{email}|{request.remote_addr}")
         if wait:
             return _too_many("account/login.html", form, wait)
@@ -171,7 +171,7 @@ def _send_link_page(
     form: EmailOnlyForm, template: str, purpose: str
 ) -> str | Response | tuple[str, int]:
     if form.validate_on_submit():
-        email = (form.email.data or "").strip().lower()
+        email = accounts.email_key(form.email.data or "")
         wait = ratelimit.hit("link", email)
         if wait:
             return _too_many(template, form, wait)

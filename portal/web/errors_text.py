@@ -9,6 +9,9 @@ def account_error(code: str) -> str:
     messages = {
         "invalid_email": _("Enter a valid email address."),
         "email_taken": _("This email address cannot be used."),
+        "email_lookalike": _("An account with a similar-looking address already exists. "
+                             "Check that you typed your address with ordinary letters, or "
+                             "sign in with the address you already use."),
         "same_email": _("This is already your email address."),
         "invalid_phone": _("Enter a valid mobile number, with its country code (e.g. "
                            "+33 6 12 34 56 78)."),

@@ -34,13 +34,13 @@ from portal.models.loyalty import LedgerEntry, Member
 from portal.services import loyalty as ledger
 from portal.services import loyalty_hooks
 from portal.services.consent import Proof
-from portal.services.loyalty_program import LoyaltyProgram, load_program
+from portal.services.loyalty_program import PROGRAM_EXTENSION, LoyaltyProgram, load_program
 from portal.web import transaction
 from portal.web.forms import PlainForm
 from portal.web.wallet_buttons import google_save_link
 
 bp = Blueprint("loyalty", __name__)
-EXTENSION = "carnet.loyalty"
+EXTENSION = PROGRAM_EXTENSION
 
 KIND_LABELS = {
     "earn": _l("Earned"),
@@ -65,10 +65,11 @@ class JoinForm(FlaskForm):
 
 @bp.record_once
 def _setup(state: BlueprintSetupState) -> None:
-    """Load the programme when the app is wired: a broken [loyalty] table stops the start."""
+    """Offer the page when the app's catalog has a programme (``create_app`` loads it)."""
     app = state.app
-    program = load_program(app.config["CATALOG_PATH"])
-    app.extensions[EXTENSION] = program
+    if EXTENSION not in app.extensions:
+        app.extensions[EXTENSION] = load_program(app.config["CATALOG_PATH"])
+    program: LoyaltyProgram | None = app.extensions[EXTENSION]
     if program is None:
         return
     loyalty_hooks.install(program)

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, flash, redirect, render_template, request, url_for
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 from flask_babel import gettext as _
 
 from portal.auth import current_customer, login_required, sign_out
 from portal.db import get_session
 from portal.services import catalog as catalog_service
 from portal.services.consent import Proof
-from portal.services.privacy import erase_customer, export_data
+from portal.services.privacy import erase_customer, export_data, hooks_of
 from portal.web import transaction
 from portal.web.account import needs_password_message, sensitive_allowed
 from portal.web.forms import DeleteForm, PlainForm
@@ -28,7 +37,8 @@ def export() -> Response:
         flash(_("The form expired. Please try again."), "error")
         return redirect(url_for("account.settings"))  # type: ignore[return-value]
     db = get_session()
-    data = export_data(db, customer, catalog_service.get_catalog(db))
+    data = export_data(db, customer, catalog_service.get_catalog(db),
+                       hooks_of(current_app.extensions).exporters)
     body = json.dumps(data, indent=2, ensure_ascii=False)
     return Response(body, mimetype="application/json", headers={
         "Content-Disposition": f'attachment; filename="carnet-{customer.public_id}.json"',
@@ -50,7 +60,8 @@ def delete() -> str | Response | tuple[str, int]:
             with transaction(db):
                 erase_customer(db, customer, Proof(
                     "portal", f"customer:{customer.public_id}", request.remote_addr,
-                    request.headers.get("User-Agent")), catalog_service.get_catalog(db))
+                    request.headers.get("User-Agent")), catalog_service.get_catalog(db),
+                    hooks_of(current_app.extensions).erasers)
             sign_out()
             return render_template("account/deleted.html")
     return render_template("account/delete.html", form=form), (422 if form.errors else 200)

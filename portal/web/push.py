@@ -35,8 +35,8 @@ from portal.db import get_session, utcnow
 from portal.errors import problem
 from portal.models.customer import Customer
 from portal.security import csrf
-from portal.services import privacy, push_messages
 from portal.services import push as push_service
+from portal.services import push_messages
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof
 from portal.services.decisions import CONTACT_RESOLVERS
@@ -57,9 +57,6 @@ def _setup(state: BlueprintSetupState) -> None:
     app = state.app
     push_worker.check_subject(app.config["VAPID_SUBJECT"])  # a bad subject stops the start
     CONTACT_RESOLVERS[push_service.CHANNEL] = push_service.resolve_contacts
-    privacy.EXPORTERS["web_push_subscriptions"] = push_service.export_subscriptions
-    if push_service.erase_subscriptions not in privacy.ERASERS:
-        privacy.ERASERS.append(push_service.erase_subscriptions)
     if adopt_device_on_sign_in not in ON_SIGN_IN:
         ON_SIGN_IN.append(adopt_device_on_sign_in)
     app.jinja_env.globals["push_panel_context"] = panel_context

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from portal.services.suppressions import stop_keyword
-from tests.support.api_client import Api, field_errors
+from tests.support.api_client import Api, field_errors, make_key
 
 
 @pytest.fixture
@@ -101,3 +101,40 @@ def test_unsubscribe_links_and_headers(api):
     r = api.post("/unsubscribe-links", {"customer": {"id": "cus_x"}, "topic": "newsletter",
                                         "channel": "email"})
     assert field_errors(r) == {"customer": "unknown_customer"}
+
+
+def test_a_stop_reply_keeps_the_number_out_of_the_append_only_ledger(api, session):
+    from sqlalchemy import select
+
+    from portal.models.consent import ConsentEvent, ConsentProof
+
+    c = api.customer("ledger-sms@example.com", phone="+33644444444")
+    api.post("/inbound/sms", {"from": "+33644444444", "body": "STOP"})
+    event = session.scalars(select(ConsentEvent).where(ConsentEvent.customer_id == c.id)
+                            .order_by(ConsentEvent.id.desc())).first()
+    assert event is not None and event.source == "sms"
+    assert "4444" not in event.actor  # the ledger cannot be rewritten at erasure
+    proof = session.get(ConsentProof, event.id)
+    assert proof is not None and "+33644444444" in (proof.user_agent or "")
+
+
+def test_minting_unsubscribe_links_needs_links_write(api):
+    """An unsubscribe link withdraws consent when followed: a key that may only read
+    decisions cannot mint one."""
+    c = api.customer("scoped@example.com")
+    body = {"customer": {"id": c.public_id}, "topic": "newsletter", "channel": "email"}
+    reader = make_key(api.app, "decisions:read", name="reader")
+    refused = api.post("/unsubscribe-links", body, key=reader)
+    assert refused.status_code == 403
+    assert refused.mimetype == "application/problem+json"
+    assert refused.get_json()["required_scopes"] == ["links:write"]
+    assert 'scope="links:write"' in refused.headers["WWW-Authenticate"]
+    # the reader still reads decisions
+    assert api.post("/decisions", body, key=reader).status_code == 200
+    minter = make_key(api.app, "links:write", name="minter")
+    made = api.post("/unsubscribe-links", body, key=minter)
+    assert made.status_code == 200 and "/u/" in made.get_json()["url"]
+    spec = api.client.get("/api/v1/openapi.json").get_json()
+    op = spec["paths"]["/api/v1/unsubscribe-links"]["post"]
+    assert op["security"] == [{"bearer": ["links:write"]}]
+    assert "links:write" in spec["components"]["securitySchemes"]["bearer"]["description"]

@@ -146,7 +146,7 @@ def test_every_service_that_writes_facts_keeps_the_copy_true(session):
     assert survivor.rules[(ann.id, "app_push")] == Pressure(2)
     assert survivor.rules[(ann.id, "email")] == Pressure(None, time(21, 30), time(8))
 
-    privacy.erase_customer(session, ann, Proof("portal", "ann"), catalog)
+    privacy.erase_customer(session, ann, Proof("portal", "ann"), catalog, [])
     erased = assert_copies_true(session, ann)
     assert erased.rules == {}
     assert erased.states[(ann.id, ANY, ANY)].state == "withdrawn"

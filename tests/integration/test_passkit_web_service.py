@@ -243,6 +243,50 @@ def test_device_logs_are_accepted(client, caplog):
                        ).status_code == 400
 
 
+def test_device_logs_cannot_forge_log_lines(client, caplog):
+    caplog.set_level("INFO")
+    forged = ("Web service error\nINFO:carnet.api:key revoked by admin\r\x1b[2K"
+              "\u2028WARNING:carnet.errors:forged\u202e")
+    ok = client.post(f"{BASE}/log", json={"logs": [forged]})
+    assert ok.status_code == 200  # what Apple's devices expect for a well-formed body
+    device = [r.getMessage() for r in caplog.records
+              if r.name == "carnet.wallet.apple.device"]
+    assert len(device) == 1
+    assert "\n" not in device[0] and "\r" not in device[0] and "\x1b" not in device[0]
+    assert "\u2028" not in device[0] and "\u202e" not in device[0]
+    assert device[0].startswith("device: Web service error\\u000aINFO:carnet.api:key")
+    # the whole captured text has exactly the one line the device sent
+    assert caplog.text.count("carnet.api:key revoked") == 1
+    assert not any(line.startswith("INFO:carnet.api") for line in caplog.text.splitlines())
+
+
+def test_device_logs_are_capped_in_size_and_count(client, caplog):
+    caplog.set_level("INFO", logger="carnet.wallet.apple.device")
+    lines = [f"line {i} " + "x" * 1000 for i in range(60)]  # about 60 kB
+    assert client.post(f"{BASE}/log", json={"logs": lines}).status_code == 200
+    device = [r.getMessage() for r in caplog.records
+              if r.name == "carnet.wallet.apple.device"]
+    assert max(len(line) for line in device) <= len("device: ") + 500
+    assert sum(line.startswith("device: line ") for line in device) == 50
+    huge = client.post(f"{BASE}/log", json={"logs": lines * 20})  # about 1 MB
+    assert huge.status_code == 413
+
+
+def test_device_logs_are_rate_limited_per_address(client, caplog):
+    caplog.set_level("INFO", logger="carnet.wallet.apple.device")
+    limit = int(client.application.config["DEVICE_LOG_RATE_LIMIT"].split("/")[0])
+    here = {"REMOTE_ADDR": "203.0.113.9"}
+    for n in range(limit):
+        assert client.post(f"{BASE}/log", json={"logs": [f"n{n}"]},
+                           environ_base=here).status_code == 200
+    refused = client.post(f"{BASE}/log", json={"logs": ["flood"]}, environ_base=here)
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) > 0
+    assert "flood" not in caplog.text
+    # another device is not held back by that one
+    assert client.post(f"{BASE}/log", json={"logs": ["other"]},
+                       environ_base={"REMOTE_ADDR": "203.0.113.10"}).status_code == 200
+
+
 def test_the_web_service_needs_no_csrf_token(client, issued):
     # The portal's forms are CSRF-protected in these tests; a device has no token to send.
     assert client.post("/loyalty/join", data={"accept": "y"}).status_code == 400

@@ -460,15 +460,17 @@ def test_ledger_rows_cannot_be_updated_or_deleted(session):
 
 
 def test_export_and_erasure_include_the_membership(session):
-    loyalty_hooks.install(PROGRAM)
+    hooks = privacy.PrivacyHooks()
+    loyalty_hooks.register_privacy(hooks, PROGRAM)
     member = new_member(session)
     earn(session, member, 300, T0, "G-1")
     customer = session.get(ledger.Customer, member.customer_id)
-    exported = privacy.export_data(session, customer, get_catalog(session))["loyalty"]
+    exported = privacy.export_data(session, customer, get_catalog(session),
+                                   hooks.exporters)["loyalty"]
     assert exported["member_number"] == member.member_number and exported["balance"] == 300
     assert [e["source_ref"] for e in exported["entries"]] == ["G-1"]
     privacy.erase_customer(session, customer, Proof("portal", "customer:test"),
-                           get_catalog(session))
+                           get_catalog(session), hooks.erasers)
     session.expire_all()
     assert member.left_at is not None and member.balance == 0
     acceptance = session.scalars(select(TermsAcceptance)

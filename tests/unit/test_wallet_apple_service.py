@@ -306,7 +306,7 @@ def test_a_registration_that_changed_token_meanwhile_is_kept(session):
 
 def test_erasure_forgets_the_devices_holding_the_card(session, app):
     from portal.services.catalog import get_catalog
-    from portal.services.privacy import erase_customer
+    from portal.services.privacy import erase_customer, hooks_of
 
     kept = service.ensure_pass(session, new_member(session))
     service.register_device(session, kept, DEVICE_B, TOKEN_B)
@@ -328,5 +328,6 @@ def test_erasure_forgets_the_devices_holding_the_card(session, app):
     other_card = service.ensure_pass(session, other)
     service.register_device(session, other_card, DEVICE_A, TOKEN_A)
     erase_customer(session, session.get(Customer, other.customer_id),
-                   Proof("portal", "test"), get_catalog(session))
+                   Proof("portal", "test"), get_catalog(session),
+                   hooks_of(app.extensions).erasers)
     assert service.registrations(session, other_card) == []
