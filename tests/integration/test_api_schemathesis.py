@@ -15,7 +15,7 @@ from schemathesis.engine import events
 
 from tests.support.api_client import Api
 
-MAX_EXAMPLES = 8
+MAX_EXAMPLES = 8  # about 30 s on SQLite for the 31 operations, every phase
 
 # The error codes of the schema layer (portal.api.schema) and of the rules it publishes: a
 # request that the document calls valid must never be refused with one of them. The API may
@@ -65,12 +65,9 @@ def config(key: str) -> SchemathesisConfig:
         "continue-on-failure": True,
         "generation": {"max-examples": MAX_EXAMPLES, "database": "none"},
         "phases": {
-            # The coverage phase (a boundary and an invalid value for every field, every
-            # undeclared method, every required header left out) takes about 85 s in-process
-            # on its own; `schemathesis run <url>/api/v1/openapi.json --checks all` runs it
-            # over HTTP. The fuzzing phase still sends invalid data (mode all), and
-            # test_api_conformance.py keeps the 405 Allow header true.
-            "coverage": {"enabled": False},
+            # Every phase, as the CLI: examples, coverage (a boundary and an invalid value of
+            # every field, undeclared methods, required headers left out), fuzzing (valid and
+            # invalid data) and stateful (responses chained through the inferred links).
             "fuzzing": {"generation": {"mode": "all"}},
             "stateful": {"max-steps": 20},
         },
