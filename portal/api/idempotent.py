@@ -32,8 +32,10 @@ REPLAYED = "Idempotent-Replayed"
 MAX_LENGTH = 255
 PROBLEM_MEDIA = "application/problem+json"
 
+# What key_or_problem accepts: printable ASCII, not blank, not the empty string "" quoted.
+KEY_PATTERN = r'(?! *"" *$)[ -~]*[!-~][ -~]*'
 KeyHeaders = Obj({HEADER: Str(
-    min_length=1, max_length=MAX_LENGTH, example="order-1042-earn",
+    min_length=1, max_length=MAX_LENGTH, example="order-1042-earn", pattern=KEY_PATTERN,
     description="Unique per intended write (a UUID, or the order number and the operation). "
     "Same key and same body: the original answer is replayed with Idempotent-Replayed: true; "
     "same key and another body: 422.")}, required=(HEADER,), name="IdempotencyHeaders")

@@ -132,3 +132,13 @@ def test_a_nul_is_refused_by_the_document_as_by_the_api(spec, text):
 
     Topic.validate(text, "topic", errors)
     assert valid(topic, text) == (not errors)
+
+
+@pytest.mark.parametrize("key", ["order-1042", '"order-1042"', "a b", '""', "   ", "clé",
+                                 "tab\there", '"'])
+def test_an_idempotency_key_is_usable_exactly_when_the_document_says(api, spec, key):
+    op = spec["paths"]["/api/v1/loyalty/transactions/{entry_id}/reverse"]["post"]
+    [header] = [p for p in op["parameters"] if p["name"] == "Idempotency-Key"]
+    r = api.post("/loyalty/transactions/999999/reverse", {"reason": "Refund"},
+                 headers={"Idempotency-Key": key})
+    assert (r.status_code != 400) == valid(header["schema"], key), r.get_json()
