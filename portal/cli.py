@@ -111,6 +111,9 @@ def demo() -> None:
     from portal.services.demo import ensure_demo
 
     app = current_app._get_current_object()  # type: ignore[attr-defined]
+    if app.config["ENV"] != "development":
+        # A known password and a sign-in link printed in clear have no place on a server.
+        raise click.ClickException("the demo customer exists in development only")
     session = new_session(app)
     with session.begin():
         customer, password = ensure_demo(session)

@@ -28,15 +28,28 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
                      "PostgreSQL: `postgresql+psycopg://user@host:5432/carnet`."),
     "BASE_URL": ("http://127.0.0.1:5000", str, "Public address used in emailed links."),
     "CATALOG_PATH": (str(ROOT / "portal" / "catalog.toml"), str, "Topic catalog (TOML)."),
-    "SMTP_URL": (None, str, "`smtp://user:pass@host:port` (or `smtps://`, `smtp+starttls://`); "
-                 "unset: emails are written to `instance/outbox/`."),
+    "SMTP_URL": (None, str, "`smtp://user:pass@host:port` (or `smtps://`, `smtp+starttls://`). "
+                 "Required outside development; in development, unset: emails are written "
+                 "to `instance/outbox/`."),
     "MAIL_FROM": ("Carnet <no-reply@carnet.example>", str, "Sender of every email."),
     "EMAIL_DOUBLE_OPT_IN": (True, _bool, "Marketing email consent stays pending until the "
                             "emailed confirmation link is followed."),
     "LINK_MAX_AGE_DAYS": (7, int, "Validity of emailed sign-in links."),
+    "SESSION_IDLE_MINUTES": (7 * 24 * 60, int, "A signed-in session unused for this long "
+                             "ends (its cookie is refused). Sessions end anyway 31 days after "
+                             "signing in, and at sign out, at a new password or address."),
     "UNSUBSCRIBE_MAX_AGE_DAYS": (400, int, "Validity of one-click unsubscribe links."),
-    "REDIS_URL": (None, str, "Optional; rate limits are shared through Redis when set."),
+    "REDIS_URL": (None, str, "Optional; rate limits are counted in Redis when set. Nothing "
+                  "connects to Redis when it is unset."),
+    "RATE_LIMIT_STORAGE": (None, str, "Where rate limits are counted: `redis` (needs "
+                           "`CARNET_REDIS_URL`), `database` or `memory` (each process on its "
+                           "own). Default: Redis when `CARNET_REDIS_URL` is set, else memory in "
+                           "development and the database otherwise."),
+    "RATE_LIMIT_KEY_PREFIX": ("carnet:rl:", str, "Prefix of the rate-limit counters' keys "
+                              "(Redis or database), for deployments sharing one Redis."),
     "LOGIN_RATE_LIMIT": ("10/300", str, "Log in attempts per (address, IP): count/seconds."),
+    "LOGIN_ADDRESS_RATE_LIMIT": ("30/3600", str, "Log in attempts per address, from any IP: "
+                                 "count/seconds."),
     "LINK_RATE_LIMIT": ("5/900", str, "Emailed link requests per address: count/seconds."),
     "SIGNUP_RATE_LIMIT": ("20/3600", str, "Sign ups per IP: count/seconds."),
     "DEFAULT_TIMEZONE": ("Europe/Paris", str, "Time zone of customers who chose none."),
@@ -137,7 +150,21 @@ def load(instance_path: Path, overrides: dict[str, Any] | None = None) -> dict[s
     if not config.get("VAPID_PRIVATE_KEY") and config["ENV"] == "development":
         config["VAPID_PRIVATE_KEY"] = str(instance_path / "vapid_private.pem")
     config["SECRET_KEY"] = config.get("SECRET_KEY") or _development_secret(config, instance_path)
+    _check_mail(config)
     return config
+
+
+def _check_mail(config: dict[str, Any]) -> None:
+    """Outside development, email goes through SMTP or Carnet does not start. The local
+    outbox folder holds sign-in and reset links in clear: fine on a developer's machine, a
+    way into any account on a server."""
+    if config["ENV"] != "development" and not config.get("SMTP_URL"):
+        raise RuntimeError(
+            "CARNET_SMTP_URL is not set. Outside development Carnet refuses to start without "
+            "a mail server: sign-in, verification and reset links must reach people's "
+            "mailboxes, not files on the server (for example "
+            "CARNET_SMTP_URL=smtp+starttls://user:pass@mail.example:587)."
+        )
 
 
 def _development_secret(config: dict[str, Any], instance_path: Path) -> str:

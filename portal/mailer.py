@@ -93,4 +93,5 @@ def _deliver_logged(transport: Any, message: EmailMessage) -> None:
     try:
         transport.send(message)
     except Exception:  # the answer is gone: all that is left to do is to say so in the log
-        log.exception("could not deliver the email to %s", message["To"])
+        # Never the address: the message id is enough to find it in the mail server's logs.
+        log.exception("could not deliver the email %s", message["Message-ID"])

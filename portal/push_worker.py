@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 from flask.sansio.app import App
+from sqlalchemy.orm import Session
 
 from portal.db import new_session, utcnow
 from portal.delivery.webpush import (
@@ -26,6 +27,7 @@ from portal.delivery.webpush import (
     WebPushSender,
     load_vapid_private_key,
 )
+from portal.models.push import PushMessage
 from portal.services import push_messages
 from portal.services.catalog import get_catalog
 
@@ -94,7 +96,8 @@ def sender(app: Flask) -> WebPushSender:
         return existing
     made = WebPushSender(vapid_keys(app), check_subject(app.config["VAPID_SUBJECT"]),
                          timeout=float(app.config["PUSH_TIMEOUT_SECONDS"]),
-                         allow_http=allow_http(app))
+                         allow_http=allow_http(app),
+                         allow_private=bool(app.config["WEBHOOK_ALLOW_PRIVATE_NETWORKS"]))
     state["sender"] = made
     return made
 
@@ -114,25 +117,61 @@ def fan_out(app: Flask, now: datetime | None = None) -> int:
         with session.begin():
             pending = push_messages.pending_fanouts(session)
         for message_id in pending:
-            while True:
-                with session.begin():
-                    count = push_messages.fan_out_batch(
-                        session, get_catalog(session), message_id, now or utcnow(),
-                        default_timezone=str(app.config["DEFAULT_TIMEZONE"]))
-                expanded += count
-                if count == 0:
-                    break
+            try:
+                while True:
+                    with session.begin():
+                        count = push_messages.fan_out_batch(
+                            session, get_catalog(session), message_id, now or utcnow(),
+                            default_timezone=str(app.config["DEFAULT_TIMEZONE"]))
+                    expanded += count
+                    if count == 0:
+                        break
+            except Exception as exc:  # one message's failure never stops the others
+                _give_up_fan_out(session, message_id, exc, now or utcnow())
     finally:
         session.close()
     return expanded
+
+
+def _give_up_fan_out(session: Session, message_id: int, exc: Exception, now: datetime
+                     ) -> None:
+    """A message whose fan-out raised: the batches already expanded are delivered, the rest
+    is given up (the message would otherwise fail again at every run, ahead of the others).
+    Logged by type only: the text may quote personal data."""
+    log.error("push message %s: fan-out raised %s; given up", message_id, type(exc).__name__)
+    with session.begin():
+        message = session.get(PushMessage, message_id)
+        if message is not None and message.fanned_out_at is None:
+            message.fanned_out_at = now
 
 
 def _send(web: WebPushSender, item: push_messages.Outgoing) -> PushOutcome | Exception:
     try:
         return web.send(item.subscription, item.payload, ttl=item.ttl, urgency=item.urgency,
                         topic=item.topic)
-    except (InvalidPushOptions, PayloadTooLarge) as exc:
+    except Exception as exc:  # options refused, or anything else: this delivery's failure
         return exc
+
+
+def _prepare(session: Session, chunk: list[int], now: datetime) -> list[push_messages.Outgoing]:
+    """``prepare`` for a chunk; when it raises, row by row, failing the rows that raise."""
+    try:
+        with session.begin():
+            return push_messages.prepare(session, chunk, now)
+    except Exception:
+        pass
+    out: list[push_messages.Outgoing] = []
+    for delivery_id in chunk:
+        try:
+            with session.begin():
+                out.extend(push_messages.prepare(session, [delivery_id], now))
+        except Exception as exc:
+            log.error("push delivery %s: preparing raised %s; failed", delivery_id,
+                      type(exc).__name__)
+            with session.begin():
+                push_messages.fail(session, delivery_id, "error",
+                                   "The message could not be prepared.")
+    return out
 
 
 def deliver(app: Flask, now: datetime | None = None) -> dict[str, int]:
@@ -149,15 +188,20 @@ def deliver(app: Flask, now: datetime | None = None) -> dict[str, int]:
             claimed = push_messages.claim_due(session, now or utcnow(), rules)
         for start in range(0, len(claimed), SEND_CHUNK):
             chunk = claimed[start:start + SEND_CHUNK]
-            with session.begin():
-                outgoing = push_messages.prepare(session, chunk, now or utcnow())
+            outgoing = _prepare(session, chunk, now or utcnow())
             with ThreadPoolExecutor(SEND_THREADS, thread_name_prefix="webpush") as pool:
                 outcomes = list(pool.map(lambda item: _send(web, item), outgoing))
             with session.begin():
                 for item, outcome in zip(outgoing, outcomes, strict=True):
-                    if isinstance(outcome, Exception):
+                    if isinstance(outcome, (InvalidPushOptions, PayloadTooLarge)):
                         push_messages.fail(session, item.delivery_id, "invalid_options",
                                            str(outcome))
+                        status = "failed"
+                    elif isinstance(outcome, Exception):
+                        log.error("push delivery %s: sending raised %s; failed",
+                                  item.delivery_id, type(outcome).__name__)
+                        push_messages.fail(session, item.delivery_id, "error",
+                                           "The push could not be sent.")
                         status = "failed"
                     else:
                         if outcome.status == "config_error":

@@ -13,7 +13,8 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -40,6 +41,19 @@ def periodic(name: str, every: float) -> Callable[[Callable[[Flask], object]],
         JOBS[name] = Job(name, every, fn)
         return fn
     return register
+
+
+@contextmanager
+def contained(job: str, row_id: object) -> Iterator[None]:
+    """Run one row's work of a job; an exception is logged (the job, the row's id and the
+    exception's type: never its text, which may quote personal data) and swallowed, so the
+    loop goes on with the next row. The job itself records the row as failed or due again
+    where it can; this is the last line, for failures while doing even that."""
+    try:
+        yield
+    except Exception as exc:
+        log.error("job %s: row %s failed with %s; going on with the others", job, row_id,
+                  type(exc).__name__)
 
 
 def run_once(app: Flask, names: list[str] | None = None) -> dict[str, object]:
@@ -84,6 +98,7 @@ def webhook_policy(app: Flask) -> object:
         disable_after=timedelta(hours=float(app.config["WEBHOOK_DISABLE_AFTER_HOURS"])),
         max_attempts=int(app.config["WEBHOOK_MAX_ATTEMPTS"]),
         timeout_seconds=float(app.config["WEBHOOK_TIMEOUT_SECONDS"]),
+        allow_private=bool(app.config["WEBHOOK_ALLOW_PRIVATE_NETWORKS"]),
     )
 
 
@@ -101,9 +116,13 @@ def deliver_webhooks(app: Flask) -> int:
         claimed = webhooks.claim_due(session, utcnow(), policy)
     session.close()
     sent = 0
-    with httpx.Client(follow_redirects=False) as client:
+    # trust_env=False: a proxy from the environment would make the connection, not us, and
+    # pinning the checked address would mean nothing.
+    with httpx.Client(follow_redirects=False, trust_env=False) as client:
         for hook_id in claimed:
-            sent += webhooks.deliver_endpoint(lambda: new_session(app), client, hook_id, policy)
+            with contained("webhooks.deliver", hook_id):
+                sent += webhooks.deliver_endpoint(lambda: new_session(app), client, hook_id,
+                                                  policy)
     return sent
 
 
@@ -133,10 +152,26 @@ def purge_idempotency_keys(app: Flask) -> int:
     return removed
 
 
+def purge_sessions(app: Flask) -> int:
+    """Forget sessions that ended by themselves (idle or too old)."""
+    from portal.db import new_session
+    from portal.services import sign_ins
+
+    limits = sign_ins.Limits(
+        idle=timedelta(minutes=float(app.config["SESSION_IDLE_MINUTES"])),
+        lifetime=app.permanent_session_lifetime)
+    session = new_session(app)
+    with session.begin():
+        removed = sign_ins.purge(session, limits)
+    session.close()
+    return removed
+
+
 def init_app(app: Flask) -> None:
     JOBS.setdefault("webhooks.deliver", Job("webhooks.deliver",
                                             float(app.config["WEBHOOK_POLL_SECONDS"]),
                                             deliver_webhooks))
     JOBS.setdefault("webhooks.prune", Job("webhooks.prune", 3600.0, prune_deliveries))
+    JOBS.setdefault("sessions.purge", Job("sessions.purge", 3600.0, purge_sessions))
     JOBS.setdefault("idempotency.purge", Job("idempotency.purge", 3600.0,
                                              purge_idempotency_keys))

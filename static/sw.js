@@ -2,7 +2,10 @@
  *
  * Shows the notifications Carnet sends (the server already picked the recipient's language),
  * reports displays and clicks (push services give no receipts), and tells the server when the
- * browser replaces the subscription.
+ * browser replaces the subscription. That renewal is held to what subscribing asks (the CSRF
+ * token, and the old subscription being this browser's or the signed-in customer's): having
+ * no page to read the token from, the worker fetches it from /push/csrf-token, same-origin
+ * with the browser's cookies. A renewal the server refuses is repaired by the page's re-sync.
  */
 'use strict';
 
@@ -78,6 +81,12 @@ self.addEventListener('notificationclick', function (event) {
   ]));
 });
 
+function csrfToken() {
+  return fetch('/push/csrf-token', {credentials: 'same-origin', cache: 'no-store'})
+    .then(function (response) { return response.ok ? response.json() : {}; })
+    .then(function (data) { return data.csrf_token || ''; });
+}
+
 self.addEventListener('pushsubscriptionchange', function (event) {
   var old = event.oldSubscription;
   var renewed = event.newSubscription
@@ -85,11 +94,13 @@ self.addEventListener('pushsubscriptionchange', function (event) {
     : self.registration.pushManager.subscribe(old ? old.options : {userVisibleOnly: true});
   event.waitUntil(renewed.then(function (sub) {
     if (!old || !sub) return;
-    return fetch('/push/subscriptions/renew', {
-      method: 'POST',
-      credentials: 'same-origin',
-      headers: {'Content-Type': 'application/json'},
-      body: JSON.stringify({old_endpoint: old.endpoint, subscription: sub.toJSON()})
+    return csrfToken().then(function (token) {
+      return fetch('/push/subscriptions/renew', {
+        method: 'POST',
+        credentials: 'same-origin',
+        headers: {'Content-Type': 'application/json', 'X-CSRFToken': token},
+        body: JSON.stringify({old_endpoint: old.endpoint, subscription: sub.toJSON()})
+      });
     });
   }).catch(function () { /* the next page load re-syncs */ }));
 });

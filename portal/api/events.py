@@ -6,10 +6,11 @@ from typing import Any
 
 from portal.api import api
 from portal.api.common import DATE_TIME, obj
-from portal.api.core import not_found, unprocessable
+from portal.api.core import config, not_found, unprocessable
 from portal.api.schema import Int, Obj, Str
 from portal.api.schemas import WebhookCreate
 from portal.db import get_session
+from portal.outbound import RefusedDestination
 from portal.services import feed, webhooks
 
 EventsQuery = Obj({
@@ -28,11 +29,20 @@ WEBHOOK = obj(id={"type": "string"}, url={"type": "string"},
               disabled_reason={"type": ["string", "null"]}, cursor={"type": "string"},
               secret={"type": "string", "description": "Only in the creation answer."},
               optional=("secret",))
-DELIVERY = obj(id={"type": "integer"}, event={"type": "integer"}, type={"type": "string"},
-               attempt={"type": "integer"}, ok={"type": "boolean"},
-               status_code={"type": ["integer", "null"]}, error={"type": ["string", "null"]},
-               duration_ms={"type": "integer"}, attempted_at=DATE_TIME,
-               next_attempt_at={"type": ["string", "null"], "format": "date-time"})
+DELIVERY = obj(
+    id={"type": "integer"}, event={"type": "integer"}, type={"type": "string"},
+    attempt={"type": "integer", "description": "1, or the failure's rank in a row."},
+    ok={"type": "boolean"},
+    outcome={"enum": list(webhooks.OUTCOMES), "description": (
+        "`delivered` (2xx); `http_error` (another status, redirects included: they are "
+        "not followed); `timeout`; `connection_failed`; `unresolvable` (the name does not "
+        "resolve); `refused_destination` (the URL or the address its name resolves to is "
+        "private, reserved or local); `invalid_url`; `error` (anything else).")},
+    status_code={"type": ["integer", "null"], "description": "The receiver's HTTP status."},
+    error={"type": ["string", "null"],
+           "description": "A fixed sentence per outcome, never the text of a network error."},
+    duration_ms={"type": "integer"}, attempted_at=DATE_TIME,
+    next_attempt_at={"type": ["string", "null"], "format": "date-time"})
 
 
 @api.op("GET", "/events", summary="The change feed, in commit order", tag="Events",
@@ -57,10 +67,18 @@ def events(query: dict[str, Any]) -> Any:
         responses={201: ("The endpoint, with its signing secret (shown once).", WEBHOOK)})
 def create_webhook(body: dict[str, Any]) -> Any:
     """Deliveries start with the changes after this call, in order, signed with
-    ``Carnet-Signature``."""
+    ``Carnet-Signature``. The URL must be http(s) on port 80, 443 or 1024 and above, without
+    user name or password, and name a public destination: private, loopback, link-local and
+    reserved addresses (in any notation) and local names are refused with 422, and checked
+    again, after resolving the name, at every delivery. The stored URL is normalised."""
     session = get_session()
     with session.begin():
-        hook = webhooks.create(session, body["url"], body["events"], body.get("description"))
+        try:
+            hook = webhooks.create(
+                session, body["url"], body["events"], body.get("description"),
+                allow_private=bool(config("WEBHOOK_ALLOW_PRIVATE_NETWORKS")))
+        except RefusedDestination as refused:
+            return unprocessable(refused.reason, str(refused), "url")
         return webhooks.as_json(hook, with_secret=True), 201
 
 
@@ -115,6 +133,8 @@ DeliveriesQuery = Obj({"limit": Int(minimum=1, maximum=500)}, name="DeliveriesQu
         tag="Webhooks", scopes=("webhooks:manage",), query=DeliveriesQuery,
         responses={200: ("Newest first.", obj(items={"type": "array", "items": DELIVERY}))})
 def deliveries(webhook_id: str, query: dict[str, Any]) -> Any:
+    """Each attempt with its outcome class and the receiver's status: failures count toward
+    disabling the endpoint, whatever their class."""
     session = get_session()
     with session.begin():
         hook = webhooks.find(session, webhook_id)

@@ -51,7 +51,8 @@ MessageRequest = Obj({
 COUNTS = obj(
     queued={"type": "integer", "description": "Waiting (including retries and quiet hours)."},
     sent={"type": "integer"}, failed={"type": "integer"},
-    expired={"type": "integer", "description": "The subscription was gone (404/410)."},
+    expired={"type": "integer", "description": "The subscription was gone (404/410), or its "
+             "endpoint is on a private or reserved network (refused, never called)."},
     skipped={"type": "integer", "description": "Not consented; see skipped_reasons."},
     displayed={"type": "integer", "description": "Shown by the browser (beacon)."},
     clicked={"type": "integer", "description": "Clicked (beacon)."},

@@ -235,7 +235,14 @@ class APNsClient:
         Never raises for a per-token failure: network problems become ``retry`` results so
         that one bad moment does not lose the outcome of the pushes already made.
         """
-        return [self._push(token) for token in push_tokens]
+        return [self._contained_push(token) for token in push_tokens]
+
+    def _contained_push(self, token: str) -> PushResult:
+        try:
+            return self._push(token)
+        except Exception as exc:  # anything else: this token's failure, retried later
+            logger.error("APNs push raised %s; retried later", type(exc).__name__)
+            return PushResult(token, PushOutcome.RETRY, reason=f"error: {type(exc).__name__}")
 
     def _push(self, token: str) -> PushResult:
         if not _TOKEN_RE.match(token):

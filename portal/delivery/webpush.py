@@ -18,6 +18,16 @@ subscriptions on the same push service reuses a handful of keep-alive TLS connec
 POST against 0.3 ms for urllib3 directly, more than the encryption itself; since a push
 request needs none of what ``requests`` adds (cookies, redirects, auth, proxies from the
 environment), the pool is used directly.
+
+Endpoints come from browsers, that is from anyone, so every send applies the destination rule
+(:mod:`portal.outbound`): the endpoint's name is resolved, every address checked, and the
+request goes to the checked address through a pool keyed by that address and the name, with
+``server_hostname``/``assert_hostname`` set to the name so that TLS still sends and verifies
+it, and a ``Host`` header naming it. A name that turns private between subscription and
+sending is refused (``refused_destination``), and the request never leaves. Redirects are
+never followed. Network errors are summed up by kind in the outcome's ``detail``, without
+their text (which would carry addresses and ports), so a stored delivery never reads as a
+port scan.
 """
 
 from __future__ import annotations
@@ -28,6 +38,9 @@ import email.utils
 import json
 import os
 import re
+import socket
+import ssl
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +67,7 @@ from portal.delivery.vapid import (  # noqa: F401  (re-exported)
     load_vapid_private_key,
     save_vapid_private_key,
 )
+from portal.outbound import Pinned, RefusedDestination, Resolver, check_url, pin
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
@@ -88,6 +102,10 @@ VAPID_TOKEN_LIFETIME_SECONDS = 12 * 3600
 MAX_TTL_SECONDS = 28 * 24 * 3600
 URGENCIES = ("very-low", "low", "normal", "high")
 DEFAULT_TIMEOUT_SECONDS = 10.0
+#: How long a checked resolution of a push service's name is reused. Short enough that a
+#: change of address is followed soon; long enough that a fan-out to thousands of browsers on
+#: one push service resolves once and keeps its keep-alive connections on one address.
+PIN_SECONDS = 30.0
 
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _JWT_HEADER = base64.urlsafe_b64encode(b'{"typ":"JWT","alg":"ES256"}').rstrip(b"=")
@@ -100,6 +118,7 @@ OutcomeStatus = Literal[
     "retry",
     "config_error",
     "invalid_subscription",
+    "refused_destination",
 ]
 
 
@@ -189,8 +208,9 @@ def parse_subscription(
 class PushOutcome:
     """What happened to one message, phrased as what the caller should do next.
 
-    ``gone`` and ``invalid_subscription``: deactivate the subscription with exactly this
-    ``endpoint``. ``rate_limited`` and ``retry``: try again later (``retry_after`` seconds
+    ``gone``, ``invalid_subscription`` and ``refused_destination`` (the endpoint is, or now
+    resolves to, a private or reserved address): deactivate the subscription with exactly
+    this ``endpoint``. ``rate_limited`` and ``retry``: try again later (``retry_after`` seconds
     when the push service said so). ``config_error``: our VAPID key, subject or request is
     wrong; retrying or deactivating will not help, an operator must look. ``too_large``:
     the payload must shrink.
@@ -208,7 +228,7 @@ class PushOutcome:
 
     @property
     def should_deactivate(self) -> bool:
-        return self.status in ("gone", "invalid_subscription")
+        return self.status in ("gone", "invalid_subscription", "refused_destination")
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -288,8 +308,13 @@ class WebPushSender:
         pool: urllib3.PoolManager | None = None,
         *,
         allow_http: bool = False,
+        allow_private: bool = False,
+        resolver: Resolver = socket.getaddrinfo,
     ) -> None:
-        """``allow_http`` exists for local test push services only; browsers hand out https."""
+        """``allow_http`` exists for local test push services only; browsers hand out https.
+        ``allow_private`` lets endpoints reach loopback, private and reserved addresses
+        (``WEBHOOK_ALLOW_PRIVATE_NETWORKS``: a push service on one's own machine); ``resolver``
+        is ``socket.getaddrinfo`` unless a test maps names itself."""
         self.keys = (
             vapid_private_key
             if isinstance(vapid_private_key, VapidKeys)
@@ -301,6 +326,10 @@ class WebPushSender:
             raise ValueError("timeout must be positive seconds, (connect, read) or one value")
         self.timeout = urllib3.Timeout(connect=connect, read=read)
         self.allow_http = allow_http
+        self.allow_private = allow_private
+        self.resolver = resolver
+        self._pins: dict[tuple[str, int], tuple[float, str]] = {}
+        self._pins_lock = threading.Lock()
         self._owns_pool = pool is None
         self.pool = pool if pool is not None else make_push_pool()
         self._k = self.keys.public_key
@@ -417,31 +446,79 @@ class WebPushSender:
                     endpoint if isinstance(endpoint, str) else "",
                     detail=str(exc),
                 )
+        try:
+            pinned = self._pin(parsed.endpoint)
+        except RefusedDestination as exc:
+            # The rule's own sentence, never a resolver's error text. A name that does not
+            # resolve may be a passing DNS failure at a real push service: try again later.
+            status: OutcomeStatus = ("retry" if exc.reason == "unresolvable"
+                                     else "refused_destination")
+            return PushOutcome(status, parsed.endpoint, detail=f"{exc.reason}: {exc}")
         headers = dict(base_headers)
         headers["Authorization"] = self.vapid_authorization(parsed.origin)
+        headers["Host"] = pinned.host_header
         body = b""
         if payload:
             body = self.encrypt(parsed, bytes(payload))
             headers["Content-Encoding"] = "aes128gcm"
             headers["Content-Type"] = "application/octet-stream"
+        destination = pinned.destination
+        # Keyed by address and name (urllib3's PoolKey holds server_hostname and
+        # assert_hostname), so connections to one push service are reused as before.
+        tls = ({"server_hostname": pinned.server_hostname,
+                "assert_hostname": pinned.server_hostname}
+               if destination.scheme == "https" else None)
         try:
-            response = self.pool.urlopen(
+            connection = self.pool.connection_from_host(
+                pinned.address, destination.port, destination.scheme, pool_kwargs=tls)
+            response = connection.urlopen(
                 "POST",
-                parsed.endpoint,
+                destination.target,
                 body=body,
                 headers=headers,
                 timeout=self.timeout,
                 retries=False,
                 redirect=False,
+                assert_same_host=False,
                 preload_content=True,  # read it all so the connection goes back to the pool
             )
         except urllib3.exceptions.NewConnectionError as exc:  # a TimeoutError subclass
-            return PushOutcome("retry", parsed.endpoint, detail=f"cannot connect: {exc}")
+            return PushOutcome("retry", parsed.endpoint, detail=_network_detail("cannot connect",
+                                                                               exc))
         except urllib3.exceptions.TimeoutError as exc:
-            return PushOutcome("retry", parsed.endpoint, detail=f"timeout: {exc}")
+            return PushOutcome("retry", parsed.endpoint, detail=_network_detail("timeout", exc))
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            return PushOutcome("retry", parsed.endpoint, detail=f"{type(exc).__name__}: {exc}")
+            return PushOutcome("retry", parsed.endpoint, detail=_network_detail("network error",
+                                                                               exc))
         return _classify(parsed.endpoint, response)
+
+    def _pin(self, endpoint: str) -> Pinned:
+        """The destination rule at send time: the checked address to connect to.
+
+        A checked resolution is reused for :data:`PIN_SECONDS` (only ever a checked one: a
+        refusal is not remembered, and the rule runs again after that time)."""
+        destination = check_url(endpoint, allow_private=self.allow_private,
+                                schemes=("https", "http") if self.allow_http else ("https",))
+        key = (destination.host, destination.port)
+        now = time.monotonic()
+        with self._pins_lock:
+            cached = self._pins.get(key)
+        if cached is not None and cached[0] > now:
+            return Pinned(destination, cached[1])
+        pinned = pin(destination, allow_private=self.allow_private, resolver=self.resolver)
+        with self._pins_lock:
+            if len(self._pins) > 1000:
+                self._pins.clear()
+            self._pins[key] = (now + PIN_SECONDS, pinned.address)
+        return pinned
+
+
+def _network_detail(kind: str, exc: BaseException) -> str:
+    """What went wrong, by kind and exception class; never the error's text, which names the
+    address and port tried (and would make stored deliveries a map of the network)."""
+    tls = isinstance(exc, urllib3.exceptions.SSLError | ssl.SSLError) or isinstance(
+        getattr(exc, "reason", None), ssl.SSLError)
+    return f"{kind} ({'TLS, ' if tls else ''}{type(exc).__name__})"
 
 
 def _check_payload(payload: bytes) -> None:

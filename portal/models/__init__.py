@@ -12,7 +12,7 @@ from portal.models.consent import (
     Dispatch,
     Suppression,
 )
-from portal.models.customer import Customer, ExternalId
+from portal.models.customer import Customer, ExternalId, SignInSession, UsedLink
 from portal.models.google_wallet import GoogleNotification, GoogleWalletObject, WalletFeedCursor
 from portal.models.loyalty import (
     IdempotencyRecord,
@@ -23,6 +23,7 @@ from portal.models.loyalty import (
     TermsAcceptance,
 )
 from portal.models.push import PushDelivery, PushMessage, PushSubscription, PushTopicChoice
+from portal.models.ratelimit import RateLimitCounter
 from portal.models.wallet import (
     AppleDeviceRegistration,
     ApplePass,
@@ -55,10 +56,13 @@ __all__ = [
     "PushMessage",
     "PushSubscription",
     "PushTopicChoice",
+    "RateLimitCounter",
+    "SignInSession",
     "Suppression",
     "TermsAcceptance",
     "Topic",
     "TopicWording",
+    "UsedLink",
     "WalletFeedCursor",
     "WalletMessage",
     "WalletMessageRecipient",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from portal.db import Base, BigID, UTCDateTime, utcnow
@@ -54,7 +54,12 @@ class Webhook(Base):
 
 
 class WebhookDelivery(Base):
-    """One attempt to deliver one change to one endpoint."""
+    """One attempt to deliver one change to one endpoint.
+
+    ``outcome`` is a class from a fixed list (``portal.services.webhooks.OUTCOMES``) and
+    ``status_code`` the receiver's HTTP status when it answered. The text of a network error
+    is never kept: it names addresses and ports, and a log that tells "connection refused"
+    from "protocol error" is a port scanner."""
 
     __tablename__ = "webhook_deliveries"
     __table_args__ = (Index("ix_webhook_deliveries_webhook_id_id", "webhook_id", "id"),)
@@ -65,8 +70,8 @@ class WebhookDelivery(Base):
     event_type: Mapped[str] = mapped_column(String(64))
     attempt: Mapped[int] = mapped_column(Integer)
     ok: Mapped[bool] = mapped_column(Boolean)
+    outcome: Mapped[str] = mapped_column(String(32))
     status_code: Mapped[int | None] = mapped_column(Integer)
-    error: Mapped[str | None] = mapped_column(Text)
     duration_ms: Mapped[int] = mapped_column(Integer)
     attempted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -48,3 +48,31 @@ class ExternalId(Base):
     namespace: Mapped[str] = mapped_column(String(64))
     value: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SignInSession(Base):
+    """One signed-in browser. Its cookie holds a random key whose SHA-256 is kept here, so a
+    copy of the cookie stops working once the row is gone (sign out, sign out everywhere, a new
+    password or address, erasure) or too old (idle, absolute lifetime)."""
+
+    __tablename__ = "customer_sessions"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # "password", "link" (a manage or verification link: preferences only) or "confirm" (a
+    # single-use link asked for to confirm a sensitive change; fresh for a few minutes).
+    method: Mapped[str] = mapped_column(String(16))
+    user_agent: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class UsedLink(Base):
+    """Ids of single-use links already followed, kept until the link would have expired
+    anyway. Links, not people: nothing here names a customer."""
+
+    __tablename__ = "used_links"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -6,16 +6,18 @@ from __future__ import annotations
 import secrets
 import unicodedata
 from dataclasses import dataclass
+from datetime import datetime
 
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 from passlib.context import CryptContext
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from portal.db import utcnow
-from portal.models.customer import Customer
-from portal.services import changes
+from portal.models.customer import Customer, UsedLink
+from portal.services import changes, sign_ins
 from portal.services.lookalikes import is_lookalike, skeleton
 
 passwords = CryptContext(schemes=["argon2", "bcrypt"], deprecated="auto")
@@ -183,10 +185,11 @@ def mark_email_verified(session: Session, customer: Customer, email: str) -> boo
 
 
 def set_password(session: Session, customer: Customer, password: str) -> None:
-    """New password; every other session and outstanding reset link stops working."""
+    """New password; every session and outstanding reset or sign-in link stops working."""
     check_password(password, customer.email)
     customer.password_hash = passwords.hash(password)
     customer.auth_epoch += 1
+    sign_ins.end_all(session, customer)
 
 
 def request_email_change(session: Session, customer: Customer, new_email: str) -> str:
@@ -197,14 +200,59 @@ def request_email_change(session: Session, customer: Customer, new_email: str) -
     return new_email
 
 
-def confirm_email_change(session: Session, customer: Customer, new_email: str) -> None:
-    if customer.pending_email != new_email:
+def confirm_email_change(session: Session, customer: Customer, new_email: str) -> str | None:
+    """Make the pending address the customer's; returns the address it replaces, whose owner
+    must be told (and may undo the change). Every earlier link and session ends: they were
+    given to, or opened by, whoever had the old address."""
+    if customer.pending_email != new_email or customer.erased_at is not None:
         raise AccountError("stale_link", "email")
     if find_by_email(session, new_email) is not None:
         raise AccountError("email_taken", "email")
     check_not_lookalike(session, new_email, customer)
+    old_email = customer.email
     customer.email = new_email
     customer.pending_email = None
     customer.email_verified_at = utcnow()
+    customer.auth_epoch += 1
+    sign_ins.end_all(session, customer)
     changes.emit(session, "customer.updated", {"customer": customer.public_id,
                                                "fields": ["email"]}, customer.id)
+    return old_email
+
+
+def undo_email_change(session: Session, customer: Customer, old_email: str) -> None:
+    """Give the account back to the address it had before a change (the link in the notice
+    sent to that address). Ends every session and link again: whoever made the change is out."""
+    if customer.erased_at is not None or customer.email == old_email:
+        raise AccountError("stale_link", "email")
+    if find_by_email(session, old_email) is not None:
+        raise AccountError("email_taken", "email")
+    customer.email = old_email
+    customer.pending_email = None
+    customer.email_verified_at = utcnow()  # the link reached that mailbox
+    customer.auth_epoch += 1
+    sign_ins.end_all(session, customer)
+    changes.emit(session, "customer.updated", {"customer": customer.public_id,
+                                               "fields": ["email"]}, customer.id)
+
+
+def link_used(session: Session, link_id: str) -> bool:
+    return session.get(UsedLink, link_id) is not None if link_id else True
+
+
+def use_link_once(session: Session, link_id: str, expires_at: datetime) -> bool:
+    """Record that the single-use link ``link_id`` was followed; False if it already was.
+
+    A primary key decides, so two requests racing with the same link cannot both win (a
+    fingerprint of the customer's state, as reset links use, would let both read the same
+    state first). Ids of links past their own expiry are forgotten on the way: such a link
+    is refused by its signature's age anyway."""
+    session.execute(delete(UsedLink).where(UsedLink.expires_at < utcnow()))
+    if not link_id or len(link_id) > 32:
+        return False
+    try:
+        with session.begin_nested():
+            session.add(UsedLink(id=link_id, expires_at=expires_at))
+    except IntegrityError:
+        return False
+    return True

@@ -1,5 +1,9 @@
-"""Delivering email: SMTP when configured, otherwise ``.eml`` files in an outbox folder so a
-local run needs no mail server. Rendering (templates, locale) happens in the web layer."""
+"""Delivering email: SMTP when configured, otherwise (development only, see
+:func:`portal.config.load`) ``.eml`` files in an outbox folder so a local run needs no mail
+server. Rendering (templates, locale) happens in the web layer.
+
+Nothing here logs an address, a subject or a link: emails carry sign-in and reset links, and
+logs travel further than mailboxes (collectors, support tickets, backups)."""
 
 from __future__ import annotations
 
@@ -33,9 +37,8 @@ class OutboxTransport:
         stamp = str(message["Message-ID"]).strip("<>").split("@")[0]
         path = self.folder / f"{stamp}-{safe_to}.eml"
         path.write_bytes(bytes(message))
-        links = re.findall(r"https?://\S+", _text_body(message))
-        log.warning("email to %s written to %s%s", message["To"], path,
-                    f" — link: {links[0]}" if links else "")
+        # The folder only: the file name holds the address, the file itself the link.
+        log.info("an email was written to the outbox folder %s", self.folder)
 
 
 class SMTPTransport:
@@ -66,11 +69,6 @@ class SMTPTransport:
             if self.username:
                 smtp.login(self.username, self.password or "")
             smtp.send_message(message)
-
-
-def _text_body(message: EmailMessage) -> str:
-    part = message.get_body(preferencelist=("plain",))
-    return part.get_content() if part is not None else ""
 
 
 def make_transport(smtp_url: str | None, outbox: Path) -> Transport:

@@ -33,6 +33,8 @@ class Wanted:
 class Applied:
     recorded: int = 0
     pending_email_topics: list[str] = field(default_factory=list)
+    # Marketing email switched on while the address is not confirmed: nothing recorded.
+    held_email_topics: list[str] = field(default_factory=list)
 
 
 def offered_channels(catalog: Catalog) -> list[str]:
@@ -62,9 +64,13 @@ def apply_preferences(
     proof: Proof,
     *,
     double_opt_in: bool,
+    email_confirmed: bool = True,
 ) -> Applied:
     """Record an event for every switch that changed. Marketing email switched on becomes
-    *pending* under double opt-in; the caller emails the confirmation link.
+    *pending* under double opt-in; the caller emails the confirmation link. While the
+    address is not confirmed (``email_confirmed`` false) marketing email is not switched on
+    at all, neither granted nor pending: the account may hold someone else's address, whose
+    owner never asked for anything. Those topics are listed in ``held_email_topics``.
 
     The customer row is locked before the current states are read: two saves at once would
     otherwise both compare against the same old states, and the later one could find
@@ -95,6 +101,8 @@ def apply_preferences(
                 continue
             if not on:
                 record(topic.key, channel, "withdrawn")
+            elif not email_confirmed and topic.marketing and channel == "email":
+                applied.held_email_topics.append(topic.key)
             elif double_opt_in and topic.marketing and channel == "email":
                 record(topic.key, channel, "pending")
                 applied.pending_email_topics.append(topic.key)

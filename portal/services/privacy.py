@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session
 
 from portal.db import utcnow
 from portal.models.consent import ANY, ConsentEvent, ConsentProof, ContactRule, Suppression
-from portal.models.customer import Customer, ExternalId
-from portal.services import changes
+from portal.models.customer import Customer, ExternalId, SignInSession
+from portal.services import changes, sign_ins
 from portal.services.catalog import Catalog
 from portal.services.consent import Proof, history, record_consent
 from portal.services.preferences import contact_pressure
@@ -117,6 +117,12 @@ def export_data(session: Session, customer: Customer, catalog: Catalog,
             for s in session.scalars(select(Suppression).where(
                 Suppression.customer_id == customer.id).order_by(Suppression.id))
         ],
+        "sessions": [
+            {"method": s.method, "user_agent": s.user_agent, "created_at": _iso(s.created_at),
+             "last_seen_at": _iso(s.last_seen_at)}
+            for s in session.scalars(select(SignInSession).where(
+                SignInSession.customer_id == customer.id).order_by(SignInSession.id))
+        ],
     }
     for name, exporter in exporters.items():
         data[name] = exporter(session, customer)
@@ -145,6 +151,7 @@ def erase_customer(session: Session, customer: Customer, proof: Proof, catalog: 
     session.execute(delete(ContactRule).where(ContactRule.customer_id == customer.id))
     for eraser in erasers:
         eraser(session, customer)
+    sign_ins.end_all(session, customer)  # every signed-in browser, with its user agent
     customer.email = None
     customer.pending_email = None
     customer.password_hash = None

@@ -26,6 +26,7 @@ from portal.delivery.webpush import InvalidSubscription, parse_subscription
 from portal.models.consent import ConsentEvent, ConsentProof, ConsentState
 from portal.models.customer import Customer
 from portal.models.push import PushSubscription, PushTopicChoice
+from portal.outbound import RefusedDestination, check_url
 from portal.services.catalog import Catalog, TopicInfo
 from portal.services.consent import Proof, proof_digest, record_consent
 from portal.services.decisions import Evidence, Facts
@@ -37,12 +38,14 @@ MAX_ENDPOINT_LENGTH = 2048
 
 
 class PushInputError(ValueError):
-    """Input the opt-in endpoints refuse; ``field`` and ``code`` are shown to the caller."""
+    """Input the opt-in endpoints refuse; ``field`` and ``code`` are shown to the caller.
+    ``reason`` is the destination rule's code when the endpoint is a refused destination."""
 
-    def __init__(self, code: str, field: str, message: str) -> None:
+    def __init__(self, code: str, field: str, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.field = field
+        self.reason = reason
 
 
 def sha256(text: str) -> str:
@@ -66,8 +69,15 @@ class SubscriptionInput:
     auth: str
 
 
-def check_subscription(raw: object, *, allow_http: bool) -> SubscriptionInput:
-    """``PushSubscription.toJSON()`` as posted by the browser, checked before it is stored."""
+def check_subscription(raw: object, *, allow_http: bool,
+                       allow_private: bool = False) -> SubscriptionInput:
+    """``PushSubscription.toJSON()`` as posted by the browser, checked before it is stored.
+
+    The endpoint is a URL the worker will POST to, so it also passes the destination rule
+    (:func:`portal.outbound.check_url`): no loopback, private, link-local or reserved address
+    in any notation, no local name, no userinfo, no privileged port. ``allow_private``
+    (``WEBHOOK_ALLOW_PRIVATE_NETWORKS``) lifts the address and name rules for a push service
+    on one's own machine, as in the test suite."""
     if not isinstance(raw, Mapping):
         raise PushInputError("type", "subscription", "subscription must be an object")
     endpoint = raw.get("endpoint")
@@ -82,6 +92,12 @@ def check_subscription(raw: object, *, allow_http: bool) -> SubscriptionInput:
         raise PushInputError("invalid_subscription", field, str(exc)) from exc
     keys = raw["keys"]
     assert isinstance(keys, Mapping) and isinstance(endpoint, str)
+    try:
+        check_url(endpoint, allow_private=allow_private,
+                  schemes=("https", "http") if allow_http else ("https",))
+    except RefusedDestination as exc:
+        raise PushInputError("refused_destination", "subscription.endpoint", str(exc),
+                             exc.reason) from exc
     p256dh, auth = str(keys["p256dh"]).strip(), str(keys["auth"]).strip()
     if len(p256dh) > 128 or len(auth) > 64:
         raise PushInputError("too_long", "subscription.keys", "subscription keys are too long")
@@ -165,13 +181,27 @@ def save_subscription(
     return sub, created
 
 
-def renew(session: Session, old_endpoint: str, new: SubscriptionInput,
+def belongs_to(sub: PushSubscription, customer: Customer | None,
+               device_hash: str | None) -> bool:
+    """The caller's own subscription: the signed-in customer's, or one made in this browser
+    (its device cookie's hash). Knowing the endpoint alone proves neither."""
+    if customer is not None and sub.customer_id == customer.id:
+        return True
+    return device_hash is not None and sub.device_hash == device_hash
+
+
+def renew(session: Session, old_endpoint: str, new: SubscriptionInput, *,
+          customer: Customer | None, device_hash: str | None,
           now: datetime | None = None) -> bool:
     """The browser replaced its subscription (``pushsubscriptionchange``): the same row, so
-    its owner and choices, takes the new endpoint and keys."""
+    its owner and choices, takes the new endpoint and keys.
+
+    Only the caller's own subscription (:func:`belongs_to`) is renewed: re-pointing someone
+    else's row to an endpoint of one's own would deliver their messages to oneself. False,
+    with nothing changed, when there is no such subscription of the caller's."""
     now = now or utcnow()
     sub = find_by_endpoint(session, old_endpoint)
-    if sub is None:
+    if sub is None or not belongs_to(sub, customer, device_hash):
         return False
     other = find_by_endpoint(session, new.endpoint)
     if other is not None and other.id != sub.id:

@@ -1,13 +1,15 @@
 """Signed, purpose-bound, expiring tokens for emailed links.
 
 A token signed for one purpose never verifies for another (the purpose is the salt). Links
-that must work once (password reset) also carry a fingerprint of the state they change, so
-using them changes the fingerprint and the link dies.
+that must work once carry either a fingerprint of the state they change (password reset:
+using them changes the fingerprint and the link dies) or a random id recorded when used
+(:func:`portal.services.accounts.use_link_once`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 from typing import Any
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
@@ -17,6 +19,10 @@ PURPOSES = {
     "change-email": 24 * 3600,
     "reset-password": 3600,
     "manage": 7 * 24 * 3600,
+    # Single-use (their ids go to used_links): asked for to confirm a sensitive change, and
+    # sent to the old address after a change of address, to take it back.
+    "confirm-identity": 15 * 60,
+    "undo-email-change": 7 * 24 * 3600,
     "confirm-consent": 14 * 24 * 3600,
     "unsubscribe": 400 * 24 * 3600,
 }
@@ -48,6 +54,10 @@ def read_token(secret: str, purpose: str, token: str, max_age: int | None = None
     if not isinstance(data, dict):
         raise TokenError("invalid")
     return data
+
+
+def new_link_id() -> str:
+    return secrets.token_urlsafe(16)
 
 
 def fingerprint(*parts: object) -> str:

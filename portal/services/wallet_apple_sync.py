@@ -46,11 +46,16 @@ FOLLOWED_TYPES: Final = (
 _PRINTED_CUSTOMER_FIELDS: Final = frozenset({"email", "name"})
 
 
-def _touches_card(change_type: str, data: dict[str, Any]) -> bool:
+def _touches_card(change_type: str, data: Any) -> bool:
+    """Whether the change alters what the card shows. A change whose data this code cannot
+    read counts as touching the card: a needless update costs a download, a stuck cursor
+    would stop every card's updates."""
     if change_type != "customer.updated":
         return True
-    fields = data.get("fields") or []
-    return bool(_PRINTED_CUSTOMER_FIELDS.intersection(fields))
+    try:
+        return bool(_PRINTED_CUSTOMER_FIELDS.intersection(data.get("fields") or []))
+    except (AttributeError, TypeError):
+        return True
 
 
 @dataclass(frozen=True)
@@ -81,14 +86,21 @@ def follow_changes(session: Session, limit: int = 500) -> Followed:
     }
     notified = 0
     if customer_ids:
-        members = session.scalars(
+        members = list(session.scalars(
             select(Member)
             .join(ApplePass, ApplePass.member_id == Member.id)
             .where(Member.customer_id.in_(customer_ids))
             .order_by(Member.id)
-        )
+        ))
         for member in members:
-            if notify_pass_changed(session, member, "change feed") is not None:
+            try:
+                with session.begin_nested():
+                    changed = notify_pass_changed(session, member, "change feed")
+            except Exception as exc:  # one card's failure never holds the cursor back
+                log.error("apple card of member %s: update raised %s; skipped", member.id,
+                          type(exc).__name__)
+                continue
+            if changed is not None:
                 notified += 1
     if cursor != after:
         row.cursor_txid, row.cursor_id = cursor.txid, cursor.id

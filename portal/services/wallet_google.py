@@ -18,6 +18,7 @@ one open across network calls, and each result must be recorded before the next 
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ from portal.services import feed
 from portal.services import loyalty as ledger
 from portal.services.loyalty_program import LoyaltyProgram
 from portal.services.privacy import PrivacyHooks
+
+log = logging.getLogger("carnet.wallet.google")
 
 CONSUMER = "google_wallet"
 #: The changes that alter what a card shows.
@@ -486,8 +489,33 @@ def sync_pending(make_session: Callable[[], Session], client: GoogleWalletClient
         session.close()
     report.claimed = len(ids)
     for card_id in ids:
-        sync_card(make_session, client, program, settings, card_id, now, backoff, report)
+        try:
+            sync_card(make_session, client, program, settings, card_id, now, backoff, report)
+        except Exception as exc:  # one card's failure never stops the others
+            _record_crash(make_session, card_id, exc, now, backoff, report)
     return report
+
+
+def _record_crash(make_session: Callable[[], Session], card_id: int, exc: Exception,
+                  now: datetime, backoff: Backoff, report: SyncReport) -> None:
+    """An unexpected exception while syncing one card: retried with backoff, like a
+    transient error, and logged by type only (its text may quote the member's data)."""
+    log.error("Google Wallet card %s: sync raised %s; retried later", card_id,
+              type(exc).__name__)
+    session = make_session()
+    try:
+        with session.begin():
+            card = session.get(GoogleWalletObject, card_id)
+            if card is None:
+                return
+            card.attempts += 1
+            card.last_error = f"unexpected error ({type(exc).__name__})"
+            card.leased_until = None
+            card.next_attempt_at = now + backoff.delay(card.attempts, None)
+            report.retrying += 1
+            report.errors.append(f"{card.object_id}: {card.last_error}")
+    finally:
+        session.close()
 
 
 def saved_cards(session: Session, customer_ids: list[int]) -> dict[int, str]:

@@ -16,6 +16,7 @@ card with a registered device; :func:`wallet_contacts` is the decision module's 
 from __future__ import annotations
 
 import importlib
+import logging
 import secrets
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -47,6 +48,8 @@ from portal.services import decisions, identity
 from portal.services.catalog import Catalog
 from portal.services.privacy import PrivacyHooks
 from portal.services.wallet_google import Backoff, may_notify, saved_cards
+
+log = logging.getLogger("carnet.wallet.messages")
 
 CHANNEL = "wallet"
 SENDER = "carnet:wallet-messages"
@@ -214,7 +217,13 @@ def expand_pending(session: Session, catalog: Catalog, now: datetime, *,
         select(WalletMessage).where(WalletMessage.expanded_at.is_(None))
         .order_by(WalletMessage.id).limit(limit).with_for_update(skip_locked=True)))
     for message in messages:
-        expand(session, catalog, message, now, default_timezone=default_timezone)
+        try:
+            with session.begin_nested():
+                expand(session, catalog, message, now, default_timezone=default_timezone)
+        except Exception as exc:  # one message that cannot be expanded never stops the others
+            log.error("wallet message %s: expansion raised %s; given up", message.id,
+                      type(exc).__name__)
+            message.expanded_at = now  # no recipients: the report shows nobody reached
     return len(messages)
 
 
@@ -376,11 +385,35 @@ def deliver_due(make_session: Callable[[], Session], catalog: Catalog,
     finally:
         session.close()
     for row_id, platform in sorted(claimed):
-        if platform == "google":
-            _deliver_google(make_session, client, row_id, now, backoff, report)
-        else:
-            _deliver_apple(make_session, row_id, now, report)
+        try:
+            if platform == "google":
+                _deliver_google(make_session, client, row_id, now, backoff, report)
+            else:
+                _deliver_apple(make_session, row_id, now, report)
+        except Exception as exc:  # one recipient's failure never stops the others
+            _record_crash(make_session, row_id, exc, now, backoff, report)
     return report
+
+
+def _record_crash(make_session: Callable[[], Session], row_id: int, exc: Exception,
+                  now: datetime, backoff: Backoff, report: DeliveryReport) -> None:
+    """An unexpected exception while delivering to one recipient (a card gone since the
+    expansion, say): retried with backoff like a transient error, logged by type only."""
+    log.error("wallet message recipient %s: delivery raised %s; retried later", row_id,
+              type(exc).__name__)
+    session = make_session()
+    try:
+        with session.begin():
+            row = session.get(WalletMessageRecipient, row_id)
+            if row is None:
+                return
+            row.attempts += 1
+            row.error = f"unexpected error ({type(exc).__name__})"
+            row.leased_until = None
+            row.next_attempt_at = now + backoff.delay(row.attempts, None)
+            report.retrying += 1
+    finally:
+        session.close()
 
 
 # --- the report ---------------------------------------------------------------------------------

@@ -34,8 +34,19 @@ def local_path(target: str | None) -> str | None:
 
 def register(app: Flask) -> None:
     from portal.auth import load_customer
-    from portal.web import account, loyalty, main, preferences, privacy, push, unsubscribe
+    from portal.web import (
+        account,
+        loyalty,
+        main,
+        preferences,
+        privacy,
+        push,
+        sign_ins,
+        unsubscribe,
+        verification,
+    )
 
     app.before_request(load_customer)
-    for module in (main, account, preferences, unsubscribe, privacy, loyalty, push):
+    for module in (main, account, sign_ins, preferences, unsubscribe, privacy, loyalty, push,
+                   verification):
         app.register_blueprint(module.bp)

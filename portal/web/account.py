@@ -3,6 +3,7 @@ settings. Every answer about an address is the same whether or not it has an acc
 
 from __future__ import annotations
 
+from datetime import timedelta
 from email.message import EmailMessage
 
 from flask import (
@@ -12,7 +13,6 @@ from flask import (
     redirect,
     render_template,
     request,
-    session,
     url_for,
 )
 from flask_babel import gettext as _
@@ -23,22 +23,25 @@ from portal import mailer, ratelimit
 from portal.auth import (
     FRESH_LINK_SECONDS,
     current_customer,
+    current_sign_in,
+    limits,
     login_required,
     sign_in,
     sign_out,
 )
-from portal.db import get_session
+from portal.db import get_session, utcnow
 from portal.i18n import LOCALES
 from portal.models.customer import Customer
-from portal.services import accounts
+from portal.services import accounts, sign_ins
 from portal.services.accounts import AccountError
-from portal.services.tokens import TokenError, fingerprint
+from portal.services.tokens import PURPOSES, TokenError, fingerprint, new_link_id
 from portal.web import links, local_path, transaction
 from portal.web.errors_text import account_error
 from portal.web.forms import (
     ChangeEmailForm,
     ChangePasswordForm,
     EmailOnlyForm,
+    ExportForm,
     LoginForm,
     PlainForm,
     ResetForm,
@@ -103,13 +106,17 @@ def verify(token: str) -> str | Response | tuple[str, int]:
     try:
         data = links.read("verify-email", token)
     except TokenError as exc:
-        return _bad_link(exc.reason)
+        return bad_link(exc.reason)
     session_db = get_session()
     with transaction(session_db):
         customer = accounts.find_by_public_id(session_db, str(data.get("c")))
+        if customer is not None and customer.email == data.get("m") and \
+                customer.email_verified_at is not None:
+            # Single use: a second visit (or a copy of the link) signs nobody in.
+            return bad_link("verified")
         if customer is None or not accounts.mark_email_verified(session_db, customer,
                                                                 str(data.get("m"))):
-            return _bad_link("invalid")
+            return bad_link("invalid")
     if customer.auth_epoch != data.get("e"):
         # The link also signs in, but not once the password changed (e.g. after a reset
         # because someone else had the mailbox): the address is confirmed, nothing more.
@@ -124,8 +131,10 @@ def verify(token: str) -> str | Response | tuple[str, int]:
 def login() -> str | Response | tuple[str, int]:
     form = LoginForm()
     if form.validate_on_submit():
-        email = accounts.email_key(form.email.data or "")  # one count per address however spelt
-        wait = ratelimit.hit("login", f"{email}|{request.remote_addr}")
+        email = accounts.email_key(form.email.data or "")  # one count however spelt
+        # Per (address, IP), then per address from anywhere: many IPs do not multiply it.
+        wait = (ratelimit.hit("login", f"{email}|{request.remote_addr}")
+                or ratelimit.hit("login_address", email))
         if wait:
             return _too_many("account/login.html", form, wait)
         with transaction(get_session()):
@@ -207,11 +216,11 @@ def reset(token: str) -> str | Response | tuple[str, int]:
     try:
         data = links.read("reset-password", token)
     except TokenError as exc:
-        return _bad_link(exc.reason)
+        return bad_link(exc.reason)
     db = get_session()
     customer = accounts.find_by_public_id(db, str(data.get("c")))
     if customer is None or data.get("f") != fingerprint(customer.password_hash):
-        return _bad_link("used")
+        return bad_link("used")
     form = ResetForm()
     if form.validate_on_submit():
         try:
@@ -231,19 +240,23 @@ def magic(token: str) -> str | Response | tuple[str, int]:
     try:
         data = links.read("manage", token)
     except TokenError as exc:
-        return _bad_link(exc.reason)
+        return bad_link(exc.reason)
     customer = accounts.find_by_public_id(get_session(), str(data.get("c")))
     if customer is None or customer.erased_at is not None or \
             customer.auth_epoch != data.get("e"):
-        return _bad_link("invalid")
+        return bad_link("invalid")
     sign_in(customer, "link")
     return redirect(url_for("preferences.page"))
 
 
-def _bad_link(reason: str) -> tuple[str, int]:
+def bad_link(reason: str) -> tuple[str, int]:
     messages = {
         "expired": _("This link has expired. Ask for a new one below."),
         "used": _("This link was already used or is no longer valid. Ask for a new one."),
+        "taken": _("This address now belongs to another account, so it cannot be given back "
+                   "to this one. Contact us for help."),
+        "verified": _("This link was already used: your email address is confirmed. Sign "
+                      "in with your password, or ask for a sign-in link below."),
     }
     message = messages.get(reason, _("This link is not valid. It may have been cut or "
                                      "changed. Ask for a new one below."))
@@ -251,28 +264,38 @@ def _bad_link(reason: str) -> tuple[str, int]:
 
 
 def sensitive_allowed(password: str | None) -> bool:
-    """Changing email or password or erasing asks for the password or a fresh link."""
+    """Changing the address or password, downloading or erasing the data takes the current
+    password, or a single-use confirmation link followed in the last few minutes. An emailed
+    manage or verification link (kept in a mailbox, forwarded, found later) never does."""
     customer = current_customer()
     assert customer is not None
     if password:
         return accounts.verify_password(customer, password)
-    import time
-
-    return session.get("method") == "link" and \
-        time.time() - float(session.get("at", 0)) < FRESH_LINK_SECONDS
+    return sign_ins.may_change_credentials(current_sign_in(), utcnow())
 
 
 def needs_password_message() -> str:
-    return _("Enter your current password, or use a new sign-in link (valid %(minutes)s "
-             "minutes) to make this change.", minutes=FRESH_LINK_SECONDS // 60)
+    return _("Enter your current password, or ask below for a link that confirms it is you "
+             "(it works once, for %(minutes)s minutes).", minutes=FRESH_LINK_SECONDS // 60)
+
+
+def render_settings(status: int = 200, **forms: FlaskForm) -> tuple[str, int]:
+    """The account page, with ``forms`` in place of fresh ones (to show their errors)."""
+    customer = current_customer()
+    assert customer is not None
+    current = current_sign_in()
+    context = {"email_form": ChangeEmailForm(), "password_form": ChangePasswordForm(),
+               "export_form": ExportForm(), **forms}
+    return render_template(
+        "account/settings.html", locales=LOCALES,
+        sessions=sign_ins.active(get_session(), customer, limits()),
+        current_session_id=current.id if current is not None else None, **context), status
 
 
 @bp.get("/account")
 @login_required
-def settings() -> str:
-    return render_template("account/settings.html", email_form=ChangeEmailForm(),
-                           password_form=ChangePasswordForm(), plain=PlainForm(),
-                           locales=LOCALES)
+def settings() -> tuple[str, int]:
+    return render_settings()
 
 
 @bp.post("/account/email")
@@ -296,13 +319,12 @@ def change_email() -> str | Response | tuple[str, int]:
                 if not taken:
                     mailer.send(new, "change_email", customer.locale, link=links.external(
                         "account.confirm_email", token=links.token(
-                            "change-email", {"c": customer.public_id, "m": new})))
+                            "change-email", {"c": customer.public_id, "m": new,
+                                             "e": customer.auth_epoch})))
                 flash(_("We sent a confirmation link to %(email)s. Your address changes when "
                         "you follow it.", email=new), "success")
                 return redirect(url_for("account.settings"))
-    return render_template("account/settings.html", email_form=form,
-                           password_form=ChangePasswordForm(), plain=PlainForm(),
-                           locales=LOCALES), 422
+    return render_settings(422, email_form=form)
 
 
 @bp.get("/account/email/<token>")
@@ -310,19 +332,73 @@ def confirm_email(token: str) -> str | Response | tuple[str, int]:
     try:
         data = links.read("change-email", token)
     except TokenError as exc:
-        return _bad_link(exc.reason)
+        return bad_link(exc.reason)
     db = get_session()
     customer = accounts.find_by_public_id(db, str(data.get("c")))
     if customer is None:
-        return _bad_link("invalid")
+        return bad_link("invalid")
+    if customer.auth_epoch != data.get("e"):
+        return bad_link("used")  # the password changed since: the request is void
     try:
         with transaction(db):
-            accounts.confirm_email_change(db, customer, str(data.get("m")))
+            old_email = accounts.confirm_email_change(db, customer, str(data.get("m")))
     except AccountError:
-        return _bad_link("used")
+        return bad_link("used")
+    if old_email:
+        _tell_old_address(customer, old_email)
     sign_in(customer, "link")
-    flash(_("Your email address is now %(email)s.", email=customer.email), "success")
+    flash(_("Your email address is now %(email)s. Every other session is signed out.",
+            email=customer.email), "success")
     return redirect(url_for("account.settings"))
+
+
+def masked(email: str) -> str:
+    """``a•••@example.com``: enough for the owner to recognise, not to write to."""
+    local, _at, domain = email.partition("@")
+    return f"{local[:1]}•••@{domain}"
+
+
+def _tell_old_address(customer: Customer, old_email: str) -> None:
+    """The old address learns of the change and may take the account back for a week: the
+    one who changed it may not be its owner."""
+    link = links.external("account.undo_email_change", token=links.token(
+        "undo-email-change", {"c": customer.public_id, "m": old_email, "j": new_link_id()}))
+    mailer.send(old_email, "email_changed", customer.locale, link=link,
+                new_email=masked(customer.email or ""),
+                days=PURPOSES["undo-email-change"] // 86400)
+
+
+@bp.route("/account/email/undo/<token>", methods=["GET", "POST"])
+def undo_email_change(token: str) -> str | Response | tuple[str, int]:
+    """GET shows a button, POST acts: mail scanners that open links must not act for the
+    owner (or burn the single-use link before the owner follows it)."""
+    try:
+        data = links.read("undo-email-change", token)
+    except TokenError as exc:
+        return bad_link(exc.reason)
+    db = get_session()
+    customer = accounts.find_by_public_id(db, str(data.get("c")))
+    old_email, link_id = str(data.get("m")), str(data.get("j") or "")
+    if customer is None or customer.erased_at is not None:
+        return bad_link("invalid")
+    if accounts.link_used(db, link_id) or customer.email == old_email:
+        return bad_link("used")
+    form = PlainForm()
+    if form.validate_on_submit():
+        try:
+            with transaction(db):
+                if not accounts.use_link_once(db, link_id, utcnow() + timedelta(
+                        seconds=PURPOSES["undo-email-change"])):
+                    raise AccountError("stale_link", "email")
+                accounts.undo_email_change(db, customer, old_email)
+        except AccountError as exc:
+            return bad_link("taken" if exc.code == "email_taken" else "used")
+        sign_in(customer, "confirm")
+        flash(_("Your email address is %(email)s again, and every other session is signed "
+                "out. If you did not ask for the change, choose a new password now.",
+                email=old_email), "success")
+        return redirect(url_for("account.settings"))
+    return render_template("account/undo_email.html", form=form, email=old_email)
 
 
 @bp.post("/account/password")
@@ -345,5 +421,4 @@ def change_password() -> str | Response | tuple[str, int]:
                 sign_in(customer, "password")
                 flash(_("Your password is changed."), "success")
                 return redirect(url_for("account.settings"))
-    return render_template("account/settings.html", email_form=ChangeEmailForm(),
-                           password_form=form, plain=PlainForm(), locales=LOCALES), 422
+    return render_settings(422, password_form=form)

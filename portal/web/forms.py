@@ -52,6 +52,10 @@ class DeleteForm(FlaskForm):
                            [DataRequired(message=_l("Tick the box to confirm."))])
 
 
+class ExportForm(FlaskForm):
+    export_password = PasswordField(_l("Current password"), [Optional(), Length(max=256)])
+
+
 class ContactForm(FlaskForm):
     phone = StringField(_l("Mobile phone"), [Optional(), Length(max=32)])
     postal_address = TextAreaField(_l("Postal address"), [Optional(), Length(max=500)])

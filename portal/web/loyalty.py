@@ -37,6 +37,7 @@ from portal.services.consent import Proof
 from portal.services.loyalty_program import PROGRAM_EXTENSION, LoyaltyProgram, load_program
 from portal.web import transaction
 from portal.web.forms import PlainForm
+from portal.web.verification import unconfirmed
 from portal.web.wallet_buttons import google_save_link
 
 bp = Blueprint("loyalty", __name__)
@@ -115,6 +116,9 @@ def _member_context(program: LoyaltyProgram, member: Member) -> dict[str, Any]:
 
     db = get_session()
     now = utcnow()
+    # A member whose address is not confirmed (enrolled by a store, through the API) sees
+    # the card but gets no wallet button until the address is confirmed.
+    wallets = not unconfirmed(current_customer())
     return {
         "member": member,
         "progress": ledger.progress(db, program, member, now),
@@ -125,7 +129,8 @@ def _member_context(program: LoyaltyProgram, member: Member) -> dict[str, Any]:
         "kind_label": lambda kind: str(KIND_LABELS.get(kind, kind)),
         "describe_entry": describe_entry,
         "plain": PlainForm(),
-        "google_save_link": google_save_link(program, member),
+        "wallets": wallets,
+        "google_save_link": google_save_link(program, member) if wallets else None,
     }
 
 
@@ -138,7 +143,8 @@ def page() -> str:
     member = ledger.active_member_for(get_session(), customer)
     if member is None:
         form = JoinForm(terms_version=str(program.terms.version))
-        return render_template("loyalty/join.html", program=program, form=form)
+        return render_template("loyalty/join.html", program=program, form=form,
+                               unconfirmed=unconfirmed(customer))
     return render_template("loyalty/member.html", program=program,
                            **_member_context(program, member))
 
@@ -150,6 +156,13 @@ def join() -> str | Response | tuple[str, int]:
     customer = current_customer()
     assert customer is not None
     form = JoinForm()
+    if unconfirmed(customer):
+        flash(_("Confirm your email address to join %(programme)s: follow the link in the "
+                "message we sent you, or send it again below.",
+                programme=program.name(_locale())), "error")
+        form.terms_version.data = str(program.terms.version)
+        return render_template("loyalty/join.html", program=program, form=form,
+                               unconfirmed=True), 403
     if form.validate_on_submit():
         if form.terms_version.data != str(program.terms.version):
             form.accept.errors = [_("The terms changed while you were reading them. Please "
@@ -165,7 +178,8 @@ def join() -> str | Response | tuple[str, int]:
             flash(_("Welcome to %(programme)s!", programme=program.name(_locale())), "success")
             return redirect(url_for("loyalty.page"))
     form.terms_version.data = str(program.terms.version)
-    return render_template("loyalty/join.html", program=program, form=form), 422
+    return render_template("loyalty/join.html", program=program, form=form,
+                           unconfirmed=False), 422
 
 
 @bp.route("/loyalty/leave", methods=["GET", "POST"])

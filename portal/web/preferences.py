@@ -27,6 +27,7 @@ from portal.web import links, transaction
 from portal.web.describe import describe
 from portal.web.errors_text import account_error
 from portal.web.forms import ContactForm, PlainForm
+from portal.web.verification import unconfirmed
 
 bp = Blueprint("preferences", __name__)
 
@@ -114,8 +115,14 @@ def save() -> str | Response | tuple[str, int]:
         applied = prefs.apply_preferences(
             db, customer, catalog, wanted, proof(),
             double_opt_in=current_app.config["EMAIL_DOUBLE_OPT_IN"],
+            email_confirmed=not unconfirmed(customer),
         )
-    if applied.pending_email_topics and customer.email:
+    if applied.held_email_topics:
+        flash(_("Email subscriptions start once your email address is confirmed: follow the "
+                "link in the message we sent you, or send it again below, then switch them "
+                "on.") + (" " + _("Your other choices are saved.") if applied.recorded else ""),
+              "error")
+    elif applied.pending_email_topics and customer.email:
         mailer.send(
             customer.email, "confirm_consent", customer.locale,
             topics=[catalog.topics[t] for t in applied.pending_email_topics],

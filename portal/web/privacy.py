@@ -22,8 +22,8 @@ from portal.services import catalog as catalog_service
 from portal.services.consent import Proof
 from portal.services.privacy import erase_customer, export_data, hooks_of
 from portal.web import transaction
-from portal.web.account import needs_password_message, sensitive_allowed
-from portal.web.forms import DeleteForm, PlainForm
+from portal.web.account import needs_password_message, render_settings, sensitive_allowed
+from portal.web.forms import DeleteForm, ExportForm
 
 bp = Blueprint("privacy", __name__)
 
@@ -33,9 +33,14 @@ bp = Blueprint("privacy", __name__)
 def export() -> Response:
     customer = current_customer()
     assert customer is not None
-    if not PlainForm().validate_on_submit():
+    form = ExportForm()
+    if not form.validate_on_submit():
         flash(_("The form expired. Please try again."), "error")
         return redirect(url_for("account.settings"))  # type: ignore[return-value]
+    if not sensitive_allowed(form.export_password.data):
+        form.export_password.errors.append(needs_password_message())
+        html, status = render_settings(422, export_form=form)
+        return Response(html, status=status, mimetype="text/html")
     db = get_session()
     data = export_data(db, customer, catalog_service.get_catalog(db),
                        hooks_of(current_app.extensions).exporters)

@@ -2,10 +2,20 @@
 preferences page), the JSON endpoints the panel calls, and the service worker's beacons.
 
 The panel's JSON endpoints take the CSRF token in ``X-CSRFToken`` and answer problem+json
-(never an HTML error page) so the script can show a precise message. Beacons and the
-service worker's subscription renewal carry no cookie or token: what they know (an endpoint
-hash and a message id, or the old endpoint itself) is the credential, and they are
+(never an HTML error page) so the script can show a precise message. Beacons carry no cookie
+or token: what they know (an endpoint hash and a message id) is the credential, and they are
 rate-limited per address.
+
+The service worker's subscription renewal changes where someone's messages go, so it is held
+to what subscribing asks: the CSRF token (the worker has no page to read it from, so it
+fetches one from ``/push/csrf-token`` with the browser's cookies; another site cannot read
+that answer) and ownership (the old subscription is the signed-in customer's, or was made in
+this browser, by its device cookie). Knowing an endpoint is not enough. A renewal the server
+refuses (say, a customer's session ended) is repaired by the panel's re-sync on the next visit
+to the preferences or ``/push`` page, which posts the new subscription with the page's token.
+
+Endpoints pass the destination rule (:mod:`portal.outbound`) when stored and again when the
+worker sends: a push endpoint on a private or reserved network is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +34,8 @@ from flask import (
 )
 from flask.blueprints import BlueprintSetupState
 from flask_babel import get_locale
-from flask_wtf.csrf import validate_csrf
+from flask_babel import gettext as _
+from flask_wtf.csrf import generate_csrf, validate_csrf
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.wrappers import Response
 from wtforms.validators import ValidationError
@@ -75,11 +86,42 @@ def _proof(actor: str) -> Proof:
                  user_agent=request.headers.get("User-Agent"))
 
 
-def _error(status: int, code: str, detail: str, field: str | None = None) -> Response:
+def _error(status: int, code: str, detail: str, field: str | None = None,
+           reason: str | None = None) -> Response:
     extra: dict[str, Any] = {}
     if field:
-        extra["errors"] = [{"field": field, "code": code, "message": detail}]
+        item = {"field": field, "code": code, "message": detail}
+        if reason:
+            item["reason"] = reason
+        extra["errors"] = [item]
     return problem(status, code.replace("_", "-"), detail, detail, **extra)
+
+
+def _input_error(exc: push_service.PushInputError) -> Response:
+    if exc.code == "refused_destination":
+        return _error(422, exc.code, _refused_message(exc.reason), exc.field, exc.reason)
+    return _error(422, exc.code, str(exc), exc.field)
+
+
+def _refused_message(reason: str | None) -> str:
+    """What a person reads when their browser's push service address is refused."""
+    if reason == "private_address":
+        return _("This browser's push service address points to a private or reserved "
+                 "network: notifications cannot be sent there.")
+    if reason == "reserved_name":
+        return _("This browser's push service address uses a host name kept for local "
+                 "networks: notifications cannot be sent there.")
+    if reason == "port":
+        return _("This browser's push service address uses a port notifications cannot be "
+                 "sent to.")
+    if reason == "userinfo":
+        return _("This browser's push service address must not contain a user name or "
+                 "password.")
+    return _("This browser's push service address is not valid.")
+
+
+def _allow_private() -> bool:
+    return bool(current_app.config["WEBHOOK_ALLOW_PRIVATE_NETWORKS"])
 
 
 def _json_body() -> dict[str, Any] | Response:
@@ -211,11 +253,12 @@ def subscribe() -> Response:
     catalog = get_catalog(db)
     try:
         sub_input = push_service.check_subscription(
-            data.get("subscription"), allow_http=push_worker.allow_http(current_app))
+            data.get("subscription"), allow_http=push_worker.allow_http(current_app),
+            allow_private=_allow_private())
         topics = (push_service.check_topics(data["topics"], catalog)
                   if "topics" in data else None)
     except push_service.PushInputError as exc:
-        return _error(422, exc.code, str(exc), exc.field)
+        return _input_error(exc)
     customer = current_customer()
     token = request.cookies.get(DEVICE_COOKIE)
     new_token = push_service.new_device_token() if customer is None and not token else None
@@ -269,12 +312,23 @@ def unsubscribe() -> Response:
     return Response(status=204)
 
 
+@bp.get("/push/csrf-token")
+def csrf_token() -> Response:
+    """The CSRF token for the service worker, which has no page to read it from. Same-origin
+    only: without CORS another site cannot read the answer, and it is never cached."""
+    response = Response(json.dumps({"csrf_token": generate_csrf()}),
+                        mimetype="application/json")
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 @bp.post("/push/subscriptions/renew")
-@csrf.exempt  # the service worker has no page, so no token: the old endpoint is the credential
+@csrf.exempt  # checked below
 def renew() -> Response:
     """``pushsubscriptionchange``: the browser replaced the subscription. The row keeps its
-    owner and choices and takes the new endpoint and keys."""
-    data = _accept_json("push_subscribe", csrf_header=False)
+    owner and choices and takes the new endpoint and keys; only the caller's own row (signed
+    in as its customer, or this browser's device cookie), and with the CSRF token."""
+    data = _accept_json("push_subscribe", csrf_header=True)
     if isinstance(data, Response):
         return data
     old = data.get("old_endpoint")
@@ -283,14 +337,19 @@ def renew() -> Response:
                       "old_endpoint")
     try:
         new = push_service.check_subscription(
-            data.get("subscription"), allow_http=push_worker.allow_http(current_app))
+            data.get("subscription"), allow_http=push_worker.allow_http(current_app),
+            allow_private=_allow_private())
     except push_service.PushInputError as exc:
-        return _error(422, exc.code, str(exc), exc.field)
+        return _input_error(exc)
+    customer = current_customer()
     db = get_session()
     with transaction(db):
-        renewed = push_service.renew(db, old, new)
+        renewed = push_service.renew(db, old, new, customer=customer,
+                                     device_hash=_device_hash())
     if not renewed:
-        return _error(404, "not_found", "no subscription with this endpoint", "old_endpoint")
+        # The same answer whether the row is missing or someone else's: no oracle.
+        return _error(404, "not_found", "no subscription of this browser with this endpoint",
+                      "old_endpoint")
     return Response(status=204)
 
 

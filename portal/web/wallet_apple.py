@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, abort, current_app
+from flask import Blueprint, Response, abort, current_app, flash, redirect, url_for
+from flask_babel import gettext as _
+from werkzeug.wrappers import Response as BaseResponse
 
 from portal.auth import current_customer, login_required
 from portal.db import get_session
@@ -13,14 +15,16 @@ from portal.services import wallet_apple
 from portal.wallet_ws.issuer import apple_wallet
 from portal.web import transaction
 from portal.web.loyalty import current_program
+from portal.web.verification import unconfirmed
 
 bp = Blueprint("wallet_apple", __name__)
 
 
 @bp.get("/loyalty/wallet/apple.pkpass")
 @login_required
-def download() -> Response:
-    """Only ever the signed-in member's own card: the URL names no one."""
+def download() -> BaseResponse:
+    """Only ever the signed-in member's own card: the URL names no one. Not before the
+    member's address is confirmed (see ``portal.web.verification``)."""
     program = current_program()
     wallet = apple_wallet()
     customer = current_customer()
@@ -29,6 +33,10 @@ def download() -> Response:
     member = ledger.active_member_for(db, customer)
     if program is None or member is None or not wallet.available:
         abort(404)
+    if unconfirmed(customer):
+        flash(_("Confirm your email address to add your card to a wallet: follow the link in "
+                "the message we sent you, or send it again below."), "error")
+        return redirect(url_for("loyalty.page"))
     with transaction(db):
         data, apple_pass = wallet_apple.build_pkpass(
             db, member, wallet.card_settings(program), wallet.credentials())

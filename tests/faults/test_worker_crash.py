@@ -56,12 +56,13 @@ def api_post(client, key, path, body):
 
 
 def test_webhooks_resume_after_kill_in_order_never_missing(app, db_url, receiver, tmp_path):
+    app.config["WEBHOOK_ALLOW_PRIVATE_NETWORKS"] = True  # the receiver is on 127.0.0.1
     client, key = app.test_client(), make_key(app)
     hook = api_post(client, key, "/webhooks", {"url": receiver.url, "events": ["*"]})
     receiver.secret = hook["secret"]
     start = hook["cursor"]
     settings = {"WEBHOOK_POLL_SECONDS": 0.1, "WEBHOOK_TIMEOUT_SECONDS": 60,
-                "WEBHOOK_RETRY_BASE_SECONDS": 0}
+                "WEBHOOK_RETRY_BASE_SECONDS": 0, "WEBHOOK_ALLOW_PRIVATE_NETWORKS": True}
     first = WorkerProcess(db_url, tmp_path / "worker1.log", **settings).start()
     try:
         for i in range(3):
@@ -117,7 +118,8 @@ def test_web_push_resumes_after_kill_and_every_browser_gets_it(app, db_url, tmp_
             for _ in range(5):
                 raw = service.new_subscription(application_server_key=keys.public_key)
                 sub, _ = push.save_subscription(
-                    session, push.check_subscription(raw, allow_http=True), customer=None,
+                    session, push.check_subscription(raw, allow_http=True, allow_private=True),
+                    customer=None,
                     device_hash=push.sha256(raw["endpoint"]), user_agent="test", locale="en")
                 push.set_topics(session, catalog, sub, None, ["offers"],
                                 push.Proof("web_push", "test"))
@@ -128,8 +130,10 @@ def test_web_push_resumes_after_kill_and_every_browser_gets_it(app, db_url, tmp_
         message = api_post(client, key, "/push/messages", {
             "topic": "offers", "audience": "all", "title": "Sale", "body": "Half price",
             "url": "/offers", "ttl": 3600})
+        # The local push service listens on 127.0.0.1, a private address: allowed here.
         settings = {"VAPID_PRIVATE_KEY": keys.private_pem, "PUSH_POLL_SECONDS": 0.1,
-                    "PUSH_TIMEOUT_SECONDS": 60, "VAPID_SUBJECT": "mailto:faults@carnet.example"}
+                    "PUSH_TIMEOUT_SECONDS": 60, "VAPID_SUBJECT": "mailto:faults@carnet.example",
+                    "WEBHOOK_ALLOW_PRIVATE_NETWORKS": True}
         first = WorkerProcess(db_url, tmp_path / "push1.log", **settings).start()
         try:
             wait_for(service.stalled.is_set, what="the push service to hold a message")

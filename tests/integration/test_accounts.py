@@ -332,10 +332,13 @@ def test_change_email_needs_the_password_and_the_new_address_confirms(client, ou
     assert log_in(client, "ann.new@example.com").status_code == 302
 
 
-def test_change_email_with_a_fresh_link_needs_no_password(client, outbox, session):
+def test_change_email_with_a_confirmation_link_needs_no_password(client, outbox, session):
     make_customer(session)
     submit(client, "/link", {"email": "ann@example.com"})
     client.get(path_of(outbox.link("ann@example.com", "/m/")))
+    submit(client, "/account", {}, action="/account/confirm")
+    confirm = path_of(outbox.link("ann@example.com", "/account/confirm/"))
+    submit(client, confirm, {})
     r = submit(client, "/account", {"email": "ann.other@example.com"}, action="/account/email")
     assert r.status_code == 302
     assert outbox.last("ann.other@example.com")

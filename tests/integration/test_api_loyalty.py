@@ -437,6 +437,7 @@ def test_endpoints_are_in_the_openapi_document(client):
 
 
 def test_points_and_tier_changes_reach_the_feed_and_webhooks(api):
+    api.app.config["WEBHOOK_ALLOW_PRIVATE_NETWORKS"] = True  # the receiver is on 127.0.0.1
     receiver = WebhookReceiver().start()
     try:
         hook = api.post("/webhooks", {"url": receiver.url, "events": ["loyalty.*"]})

@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import timedelta
 
 import pytest
 
 from portal import create_app, worker
-from portal.services.webhooks import Policy, sign, verify
+from portal.db import new_session, utcnow
+from portal.models.api import Webhook
+from portal.services import feed
+from portal.services.webhooks import OUTCOMES, Policy, sign, verify
 from tests.conftest import app_config
 from tests.support.api_client import Api, field_errors
 from tests.support.webhook_receiver import WebhookReceiver
 
 
-@pytest.fixture
-def app(connection, tmp_path):
+def webhook_app(connection, tmp_path, allow_private):
     return create_app(app_config(tmp_path, CARNET_DB_BIND=connection,
                                  WEBHOOK_RETRY_BASE_SECONDS=0, WEBHOOK_MAX_ATTEMPTS=4,
-                                 WEBHOOK_TIMEOUT_SECONDS=2))
+                                 WEBHOOK_TIMEOUT_SECONDS=2,
+                                 WEBHOOK_ALLOW_PRIVATE_NETWORKS=allow_private))
+
+
+@pytest.fixture
+def app(connection, tmp_path):
+    """The local receiver listens on 127.0.0.1: these tests allow private networks."""
+    return webhook_app(connection, tmp_path, True)
+
+
+@pytest.fixture
+def strict_api(connection, tmp_path, client):
+    """The production setting: private and local destinations are refused."""
+    strict = webhook_app(connection, tmp_path / "strict", False)
+    return Api(strict, strict.test_client())
 
 
 @pytest.fixture
@@ -27,6 +44,13 @@ def api(app, client):
 
 @pytest.fixture
 def receiver():
+    r = WebhookReceiver().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def second_receiver():
     r = WebhookReceiver().start()
     yield r
     r.stop()
@@ -96,7 +120,10 @@ def test_receiver_down_then_up_gets_everything_later_in_order(api, receiver):
     state = api.get(f"/webhooks/{hook['id']}").get_json()
     assert state["status"] == "failing" and state["failures"] == 1
     log = api.get(f"/webhooks/{hook['id']}/deliveries").get_json()["items"]
-    assert log[0]["ok"] is False and "ConnectError" in log[0]["error"]
+    assert log[0]["ok"] is False and log[0]["outcome"] == "connection_failed"
+    assert log[0]["status_code"] is None
+    # A fixed sentence: never the network error's text (addresses, ports, errno).
+    assert log[0]["error"] == OUTCOMES["connection_failed"]
     receiver.start()  # same port
     assert deliver(api.app) == 3
     assert [e["customer"] for e in receiver.received] == ids
@@ -169,3 +196,108 @@ def test_signature_scheme_and_backoff_policy():
         assert all(timedelta(seconds=ceiling / 2) <= d <= timedelta(seconds=ceiling)
                    for d in delays)
         assert len(set(delays)) > 1  # jitter
+
+
+PRIVATE_URLS = [
+    "http://127.0.0.1:5432/", "http://localhost/", "http://[::1]/", "http://2130706433/",
+    "http://0x7f.1/", "http://127.1/", "http://169.254.169.254/latest/meta-data/",
+    "http://10.0.0.8/hook", "http://192.168.1.1/", "http://172.16.0.1/", "http://[fd00::1]/",
+    "http://[::ffff:127.0.0.1]/", "http://0.0.0.0/", "http://db.internal/",
+    "http://printer.local/", "http://intranet/",
+]
+
+
+@pytest.mark.parametrize("url", PRIVATE_URLS)
+def test_private_destinations_are_refused_at_registration(strict_api, url):
+    r = strict_api.post("/webhooks", {"url": url, "events": ["*"]})
+    assert r.status_code == 422, r.get_json()
+    assert r.headers["Content-Type"].startswith("application/problem+json")
+    assert field_errors(r) in ({"url": "private_address"}, {"url": "reserved_name"})
+    assert strict_api.get("/webhooks").get_json()["items"] == []
+
+
+@pytest.mark.parametrize("url, code", [
+    ("https://\u00a6\u00efQ\u00ea;/", "invalid_url"),
+    ("https://user:secret@hooks.example.com/", "userinfo"),
+    ("https://hooks.example.com:22/", "port"),
+    ("https://-bad-.example.com/", "invalid_url"),
+])
+def test_malformed_urls_are_refused_at_registration(api, url, code):
+    r = api.post("/webhooks", {"url": url, "events": ["*"]})
+    assert r.status_code == 422 and field_errors(r) == {"url": code}
+
+
+def test_registration_stores_the_normalised_url(strict_api):
+    r = strict_api.post("/webhooks", {"url": "https://B\u00fccher.Example.com/h?x=1#frag",
+                                      "events": ["*"]})
+    assert r.status_code == 201, r.get_json()
+    assert r.get_json()["url"] == "https://xn--bcher-kva.example.com/h?x=1"
+
+
+def insert_hook(app, url, events=("*",)):
+    """An endpoint written straight into the table, as older versions accepted it."""
+    session = new_session(app)
+    with session.begin():
+        head = feed.head(session)
+        hook = Webhook(public_id="whk_" + secrets.token_urlsafe(8), url=url,
+                       event_types=list(events), secret="whsec_test", failures=0,
+                       cursor_txid=head.txid, cursor_id=head.id, created_at=utcnow())
+        session.add(hook)
+    session.close()
+    return hook.public_id
+
+
+def test_a_private_url_stored_earlier_is_refused_at_delivery(api, receiver):
+    hook = subscribe(api, receiver)  # accepted while private networks were allowed
+    by_name = insert_hook(api.app, receiver.url.replace("127.0.0.1", "localhost"))
+    api.post("/customers", {"email": "ssrf@example.com"})
+    api.app.config["WEBHOOK_ALLOW_PRIVATE_NETWORKS"] = False
+    assert deliver(api.app) == 0
+    assert receiver.attempts == 0  # no connection reached the local receiver
+    for public_id in (hook["id"], by_name):
+        state = api.get(f"/webhooks/{public_id}").get_json()
+        assert state["status"] == "failing" and state["failures"] == 1
+        (entry,) = api.get(f"/webhooks/{public_id}/deliveries").get_json()["items"]
+        assert entry["outcome"] == "refused_destination" and entry["ok"] is False
+        assert entry["status_code"] is None
+        assert entry["error"] == OUTCOMES["refused_destination"]
+    api.app.config["WEBHOOK_ALLOW_PRIVATE_NETWORKS"] = True
+    assert deliver(api.app) == 1  # once allowed again (the other one has a wrong secret)
+    assert len(receiver.received) == 1
+
+
+def test_a_poisoned_endpoint_fails_alone_and_is_disabled(api, receiver, second_receiver):
+    first = subscribe(api, receiver)
+    poisoned = insert_hook(api.app, "https://\u00a6\u00efQ\u00ea;/")
+    second = subscribe(api, second_receiver)
+    api.post("/customers", {"email": "poison@example.com"})
+    assert deliver(api.app) == 2  # both good endpoints, in the same run
+    assert len(receiver.received) == len(second_receiver.received) == 1
+    state = api.get(f"/webhooks/{poisoned}").get_json()
+    assert state["status"] == "failing" and state["failures"] == 1
+    (entry,) = api.get(f"/webhooks/{poisoned}/deliveries").get_json()["items"]
+    assert entry["outcome"] == "invalid_url" and entry["error"] == OUTCOMES["invalid_url"]
+    for _ in range(3):  # WEBHOOK_MAX_ATTEMPTS=4
+        deliver(api.app)
+    assert api.get(f"/webhooks/{poisoned}").get_json()["status"] == "disabled"
+    for good in (first, second):
+        assert api.get(f"/webhooks/{good['id']}").get_json()["status"] == "active"
+
+
+def test_an_endpoint_whose_delivery_crashes_fails_alone(api, receiver, second_receiver):
+    """Any exception while delivering to one endpoint counts against that endpoint only."""
+    subscribe(api, receiver)
+    broken = insert_hook(api.app, receiver.url, events=(None,))  # matching raises
+    subscribe(api, second_receiver)
+    api.post("/customers", {"email": "crash@example.com"})
+    assert deliver(api.app) == 2
+    state = api.get(f"/webhooks/{broken}").get_json()
+    assert state["status"] == "failing" and state["failures"] == 1
+
+
+def test_delivery_outcomes_are_declared_in_the_openapi_document(api):
+    spec = api.get("/openapi.json").get_json()
+    answer = spec["paths"]["/api/v1/webhooks/{webhook_id}/deliveries"]["get"]["responses"]["200"]
+    schema = answer["content"]["application/json"]["schema"]
+    item = schema["properties"]["items"]["items"]
+    assert set(item["properties"]["outcome"]["enum"]) == set(OUTCOMES)

@@ -64,3 +64,42 @@ def test_signup_email_goes_through_smtp(smtp_server, connection, tmp_path):
     r = client.get(path_of(link))
     assert r.status_code == 302
     assert client.get("/preferences").status_code == 200
+
+
+def no_secrets_in(records, *secrets: str) -> None:
+    for record in records:
+        line = record.getMessage() + (record.exc_text or "")
+        assert "http://" not in line and "https://" not in line, line
+        for secret in secrets:
+            assert secret not in line, line
+
+
+def test_the_local_outbox_logs_no_address_and_no_link(client, outbox, caplog):
+    """Development writes emails to instance/outbox/: the files hold the links, the log only
+    says that a file was written."""
+    caplog.set_level("DEBUG")
+    submit(client, "/signup", {"email": "ann@example.com", "password": PASSWORD,
+                               "confirm": PASSWORD})
+    submit(client, "/link", {"email": "ann@example.com"})
+    assert "/m/" in outbox.link("ann@example.com", "/m/")   # the link is in the file
+    assert len(outbox.messages()) == 2
+    assert caplog.records, "writing to the outbox is still logged"
+    no_secrets_in(caplog.records, "ann@example.com", "ann_example.com")
+
+
+def test_an_email_that_cannot_be_delivered_is_logged_without_its_address(
+        connection, tmp_path, caplog, session):
+    """Link pages deliver after the answer; a failure is logged, never who it was for."""
+    from portal.services import accounts
+
+    accounts.create_customer(session, "ann@example.com", password=PASSWORD)
+    session.commit()
+    app = create_app(app_config(tmp_path, CARNET_DB_BIND=connection,
+                                SMTP_URL=f"smtp://127.0.0.1:{free_port()}"))  # nobody there
+    client = app.test_client()
+    caplog.set_level("DEBUG")
+    response = submit(client, "/link", {"email": "ann@example.com"})
+    assert response.status_code == 200
+    response.close()  # the WSGI server's cue: the delivery runs (and fails) now
+    assert any("could not deliver" in r.getMessage() for r in caplog.records)
+    no_secrets_in(caplog.records, "ann@example.com")

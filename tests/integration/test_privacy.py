@@ -41,7 +41,7 @@ def test_download_my_data(signed_in, customer):
     submit(signed_in, "/preferences", {"phone": "+33 6 12 34 56 78",
                                        "postal_address": "1 rue de la Paix"},
            action="/preferences/contact")
-    r = submit(signed_in, "/account", {}, action="/account/export")
+    r = submit(signed_in, "/account", {"export_password": PASSWORD}, action="/account/export")
     assert r.status_code == 200
     assert r.mimetype == "application/json"
     assert r.headers["Content-Disposition"].startswith("attachment;")
@@ -118,10 +118,12 @@ def test_delete_erases_personal_data_and_keeps_the_events(app, signed_in, sessio
         ConsentEvent.customer_id == new.id)) == 0
 
 
-def test_delete_with_a_fresh_link_needs_no_password(app, session, customer, outbox):
+def test_delete_with_a_confirmation_link_needs_no_password(app, session, customer, outbox):
     client = app.test_client()
     submit(client, "/link", {"email": "ann@example.com"})
     client.get(path_of(outbox.link("ann@example.com", "/m/")))
+    submit(client, "/account/delete", {"next": "delete"}, action="/account/confirm")
+    submit(client, path_of(outbox.link("ann@example.com", "/account/confirm/")), {})
     r = submit(client, "/account/delete", {"confirm": "y"})
     assert r.status_code == 200
     session.expire_all()

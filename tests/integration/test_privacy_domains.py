@@ -20,13 +20,13 @@ from sqlalchemy.orm import Session
 from portal import create_app, push_worker
 from portal.db import utcnow
 from portal.models.consent import ConsentEvent, ConsentProof, Suppression
-from portal.models.customer import Customer, ExternalId
+from portal.models.customer import Customer, ExternalId, SignInSession
 from portal.models.google_wallet import GoogleWalletObject
 from portal.models.loyalty import LedgerEntry, Member, TermsAcceptance
 from portal.models.push import PushDelivery, PushMessage, PushSubscription, PushTopicChoice
 from portal.models.wallet import AppleDeviceRegistration, ApplePush, WalletNews
 from portal.models.wallet_message import WalletMessage, WalletMessageRecipient
-from portal.services import accounts, suppressions, wallet_apple
+from portal.services import accounts, sign_ins, suppressions, wallet_apple
 from portal.services import loyalty as ledger
 from portal.services import push as push_service
 from portal.services.catalog import get_catalog
@@ -80,6 +80,8 @@ def person_everywhere(session: Session) -> dict[str, Any]:
     record_consent(session, customer, "offers", "email", "granted", browser, catalog=catalog)
     session.add(ExternalId(customer_id=customer.id, namespace="shop", value="C-1001"))
     suppressions.add(session, customer, "email", "hard_bounce", EMAIL)
+    sign_ins.start(session, customer, "password", "Phone/2",
+                   sign_ins.Limits(timedelta(days=7), timedelta(days=31)))
 
     member = ledger.enroll(session, PROGRAM, customer, PROGRAM.terms.version, browser)
     ledger.earn(session, PROGRAM, member, 300, reason="Order A-1", actor="store:paris",
@@ -137,6 +139,7 @@ def assert_erased_everywhere(session: Session, data: dict[str, Any]) -> None:
     customer_id = data["customer"].id
     customer = session.get(Customer, customer_id)
     assert customer.erased_at is not None and customer.email is None
+    assert count(session, SignInSession, SignInSession.customer_id == customer_id) == 0
     assert count(session, ExternalId, ExternalId.customer_id == customer_id) == 0
     assert session.scalars(select(Suppression.address).where(
         Suppression.customer_id == customer_id)).all() == [None]
@@ -210,11 +213,13 @@ def test_erasure_outside_a_request_reaches_every_domain(app, session):
 
 def test_download_includes_every_domain_without_the_loyalty_table(app, client, session):
     data = person_everywhere(session)
-    r = submit(sign_in(client), "/account", {}, action="/account/export")
+    r = submit(sign_in(client), "/account", {"export_password": PASSWORD},
+               action="/account/export")
     assert r.status_code == 200
     exported = json.loads(r.get_data(as_text=True))
     assert DOMAINS <= set(exported)
     assert exported["profile"]["external_ids"] == [{"namespace": "shop", "value": "C-1001"}]
+    assert "Phone/2" in [s["user_agent"] for s in exported["sessions"]]
     assert [(s["channel"], s["address"]) for s in exported["suppressions"]] == [
         ("email", EMAIL)]
     loyalty = exported["loyalty"]

@@ -32,8 +32,10 @@ def service():
 
 @pytest.fixture
 def app(connection, tmp_path):
+    # The local push service listens on 127.0.0.1, a private address: allowed here only.
     return create_app(app_config(tmp_path, CARNET_DB_BIND=connection,
-                                 VAPID_PRIVATE_KEY=KEYS.private_pem, VAPID_SUBJECT=SUBJECT))
+                                 VAPID_PRIVATE_KEY=KEYS.private_pem, VAPID_SUBJECT=SUBJECT,
+                                 WEBHOOK_ALLOW_PRIVATE_NETWORKS=True))
 
 
 @pytest.fixture
@@ -49,7 +51,8 @@ def browser(api, service, *, customer=None, topics=(), key=KEYS.public_key):
         catalog = get_catalog(session)
         owner = session.get(type(customer), customer.id) if customer is not None else None
         sub, _ = push.save_subscription(
-            session, push.check_subscription(raw, allow_http=True), customer=owner,
+            session, push.check_subscription(raw, allow_http=True, allow_private=True),
+            customer=owner,
             device_hash=None if owner else push.sha256(raw["endpoint"]), user_agent="test",
             locale="en")
         if topics:
@@ -246,3 +249,38 @@ def test_documented_in_openapi(client):
     spec = client.get("/api/v1/openapi.json").get_json()
     assert "post" in spec["paths"]["/api/v1/push/messages"]
     assert "get" in spec["paths"]["/api/v1/push/messages/{message_id}"]
+
+
+def test_a_stored_subscription_to_a_private_address_is_refused_when_sending(
+        connection, tmp_path, service):
+    """A row written before the rule (or past it) is checked again when sending: with the
+    setting off, nothing reaches the local push service, and the subscription is retired."""
+    service.reset_records()
+    strict = create_app(app_config(tmp_path, CARNET_DB_BIND=connection,
+                                   VAPID_PRIVATE_KEY=KEYS.private_pem, VAPID_SUBJECT=SUBJECT))
+    api = Api(strict, strict.test_client())
+    raw = service.new_subscription(application_server_key=KEYS.public_key)
+    session = new_session(strict)
+    with session.begin():
+        row = PushSubscription(
+            public_id="psub_stored_earlier", endpoint=raw["endpoint"],
+            endpoint_hash=push.sha256(raw["endpoint"]), p256dh=raw["keys"]["p256dh"],
+            auth=raw["keys"]["auth"], device_hash=push.sha256("a device"), locale="en")
+        session.add(row)
+        session.flush()
+        push.set_topics(session, get_catalog(session), row, None, ["offers"],
+                        push.Proof("web_push", "test"))
+    session.close()
+    message_id = send(api)
+    assert deliver(strict) == {"expired": 1}
+    assert service.records == [] and service.connections_opened == 0
+    session = new_session(strict)
+    delivery = session.scalars(select(PushDelivery)).one()
+    assert (delivery.status, delivery.reason) == ("expired", "refused_destination")
+    port = raw["endpoint"].split(":")[2].split("/")[0]
+    assert "127.0.0.1" not in delivery.error and port not in delivery.error
+    stored = session.scalars(select(PushSubscription)).one()
+    assert stored.expired_at is not None and stored.expired_reason == "refused_destination"
+    session.close()
+    assert counts(api, message_id)["expired"] == 1
+    assert deliver(strict) == {}  # retired: the next messages skip it

@@ -83,6 +83,8 @@ def test_service_worker_is_served_from_the_root(client):
     assert r.status_code == 200 and r.mimetype == "application/javascript"
     assert r.headers["Service-Worker-Allowed"] == "/"
     assert b"showNotification" in r.data
+    # Its renewal asks for the CSRF token first, and sends it.
+    assert b"'/push/csrf-token'" in r.data and b"'X-CSRFToken': token" in r.data
 
 
 def test_anonymous_subscribe_change_topics_and_leave(client, session):
@@ -210,18 +212,137 @@ def test_a_subscription_posted_later_while_signed_in_is_adopted(client, session,
     assert customer_state(session, customer, "newsletter") == "granted"
 
 
+def renew(client, old_endpoint, subscription, csrf=True):
+    """What the service worker does on ``pushsubscriptionchange``: it has no page, so it asks
+    for the CSRF token, then posts with the browser's cookies."""
+    headers = {}
+    if csrf:
+        answer = client.get("/push/csrf-token")
+        assert answer.status_code == 200 and answer.headers["Cache-Control"] == "no-store"
+        assert "Access-Control-Allow-Origin" not in answer.headers  # no other site reads it
+        headers["X-CSRFToken"] = answer.get_json()["csrf_token"]
+    return client.post("/push/subscriptions/renew", json={"old_endpoint": old_endpoint,
+                                                          "subscription": subscription},
+                       headers=headers)
+
+
+def snapshot(session):
+    session.expire_all()
+    return sorted((s.endpoint, s.p256dh, s.auth, s.customer_id, s.expired_at)
+                  for s in session.scalars(select(PushSubscription)))
+
+
 def test_renewal_keeps_owner_and_choices(client, session):
     old = new_sub()
     call(client, "POST", {"subscription": old, "topics": ["offers"]})
     new = new_sub()
-    r = client.post("/push/subscriptions/renew", json={"old_endpoint": old["endpoint"],
-                                                       "subscription": new})
+    r = renew(client, old["endpoint"], new)
     assert r.status_code == 204
     row = session.scalars(select(PushSubscription)).one()
-    assert row.endpoint == new["endpoint"]
-    r = client.post("/push/subscriptions/renew", json={"old_endpoint": old["endpoint"],
-                                                       "subscription": new_sub()})
+    assert row.endpoint == new["endpoint"] and row.p256dh == new["keys"]["p256dh"]
+    from portal.services.push import sha256
+    state = client.get(f"/push/subscription?endpoint_hash={sha256(new['endpoint'])}").get_json()
+    assert state["mine"] and state["topics"] == ["offers"]
+    r = renew(client, old["endpoint"], new_sub())
     assert r.status_code == 404
+
+
+def test_renewal_needs_the_csrf_token(client, session):
+    old = new_sub()
+    call(client, "POST", {"subscription": old, "topics": ["offers"]})
+    before = snapshot(session)
+    r = renew(client, old["endpoint"], new_sub(), csrf=False)
+    assert r.status_code == 400 and r.get_json()["type"].endswith("/csrf")
+    r = client.post("/push/subscriptions/renew", json={"old_endpoint": old["endpoint"],
+                                                       "subscription": new_sub()},
+                    headers={"X-CSRFToken": "forged"})
+    assert r.status_code == 400
+    assert snapshot(session) == before
+
+
+def test_another_browser_cannot_renew_a_subscription_to_its_own_endpoint(app, client, session):
+    """Knowing someone's endpoint is not enough to have their notifications sent elsewhere."""
+    victim = new_sub()
+    call(client, "POST", {"subscription": victim, "topics": ["offers"]})
+    stranger = app.test_client()
+    call(stranger, "POST", {"subscription": new_sub(), "topics": []})  # has a device cookie
+    before = snapshot(session)
+    for caller in (stranger, app.test_client()):
+        r = renew(caller, victim["endpoint"], new_sub())
+        assert r.status_code == 404 and r.mimetype == "application/problem+json"
+    assert snapshot(session) == before
+
+
+def test_only_its_customer_renews_an_account_subscription(app, client, session, customer):
+    sign_in(client)
+    old = new_sub()
+    assert call(client, "POST", {"subscription": old, "topics": ["offers"]}).status_code == 201
+    other = accounts.create_customer(session, "bob@example.com", password=PASSWORD,
+                                     locale="en")
+    accounts.mark_email_verified(session, other, "bob@example.com")
+    session.commit()
+    bob = app.test_client()
+    assert submit(bob, "/login", {"email": "bob@example.com",
+                                  "password": PASSWORD}).status_code == 302
+    before = snapshot(session)
+    for caller in (bob, app.test_client()):
+        assert renew(caller, old["endpoint"], new_sub()).status_code == 404
+    assert snapshot(session) == before
+    new = new_sub()
+    assert renew(client, old["endpoint"], new).status_code == 204
+    row = session.scalars(select(PushSubscription)).one()
+    assert (row.endpoint, row.customer_id) == (new["endpoint"], customer.id)
+    assert customer_state(session, customer, "offers") == "granted"
+
+
+PRIVATE_ENDPOINTS = [
+    "https://127.0.0.1/", "https://169.254.169.254/latest/meta-data/", "https://[::1]/",
+    "https://2130706433/", "https://localhost/", "https://0x7f.1/push/a",
+    "https://[::ffff:10.0.0.1]/", "https://10.1.2.3:8443/push/a", "https://push.local/a",
+    "https://metadata.google.internal/", "https://push.example.net:22/a",
+]
+
+
+@pytest.mark.parametrize("endpoint", PRIVATE_ENDPOINTS)
+def test_a_push_endpoint_on_a_private_network_is_refused(client, session, endpoint):
+    r = call(client, "POST", {"subscription": {**new_sub(), "endpoint": endpoint},
+                              "topics": ["offers"]})
+    assert r.status_code == 422 and r.mimetype == "application/problem+json"
+    error = r.get_json()["errors"][0]
+    assert (error["field"], error["code"]) == ("subscription.endpoint", "refused_destination")
+    assert error["message"].startswith("This browser's push service address")
+    assert session.scalars(select(PushSubscription)).all() == []
+    assert session.scalars(select(ConsentEvent)).all() == []
+
+
+def test_the_refusal_is_in_the_visitors_language(client):
+    r = client.post("/push/subscriptions",
+                    json={"subscription": {**new_sub(), "endpoint": "https://127.0.0.1/"}},
+                    headers={"X-CSRFToken": token(client), "Accept-Language": "fr"})
+    assert r.status_code == 422
+    assert "réseau privé" in r.get_json()["detail"]
+
+
+def test_a_renewal_to_a_private_endpoint_is_refused(client, session):
+    old = new_sub()
+    call(client, "POST", {"subscription": old, "topics": ["offers"]})
+    before = snapshot(session)
+    r = renew(client, old["endpoint"], {**new_sub(), "endpoint": "https://169.254.169.254/"})
+    assert r.status_code == 422
+    assert r.get_json()["errors"][0]["code"] == "refused_destination"
+    assert snapshot(session) == before
+
+
+def test_the_setting_lets_a_local_push_service_through(connection, tmp_path, session):
+    app = create_app(app_config(tmp_path, CARNET_DB_BIND=connection,
+                                VAPID_PRIVATE_KEY=KEYS.private_pem,
+                                WEBHOOK_ALLOW_PRIVATE_NETWORKS=True))
+    client = app.test_client()
+    local = new_sub("http://127.0.0.1:8990")
+    assert call(client, "POST", {"subscription": local}).status_code == 201
+    # Port, userinfo and scheme rules hold whatever the setting.
+    r = call(client, "POST", {"subscription": {**new_sub(), "endpoint": "https://127.0.0.1:22/"}})
+    assert r.status_code == 422 and r.get_json()["errors"][0]["reason"] == "port"
 
 
 def test_beacons_are_validated(client):

@@ -63,7 +63,8 @@ def test_session_cookie_is_httponly_and_lax(client):
 
 def test_session_cookie_is_secure_in_production(connection, tmp_path):
     app = create_app(app_config(tmp_path, CARNET_DB_BIND=connection, ENV="production",
-                                TESTING=False, SECRET_KEY="a-real-production-secret-0123456789"))
+                                TESTING=False, SECRET_KEY="a-real-production-secret-0123456789",
+                                SMTP_URL="smtp://127.0.0.1:2525"))
     r = app.test_client().get("/signup")
     cookie = r.headers["Set-Cookie"]
     assert "Secure" in cookie
@@ -96,6 +97,31 @@ def test_production_without_secret_key_refuses_to_start(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="SECRET_KEY"):
         create_app(config)
     assert not (tmp_path / "instance" / "secret_key").exists()
+
+
+def test_production_without_a_mail_server_refuses_to_start(tmp_path, monkeypatch, connection):
+    """Without SMTP, emails (and their sign-in and reset links) would be files on the server
+    and lines in its log: outside development Carnet does not start that way."""
+    monkeypatch.delenv("CARNET_SMTP_URL", raising=False)
+    monkeypatch.delenv("CARNET_ENV", raising=False)
+    config = app_config(tmp_path, CARNET_DB_BIND=connection, ENV="production", TESTING=False,
+                        SECRET_KEY="a-real-production-secret-0123456789")
+    with pytest.raises(RuntimeError, match="CARNET_SMTP_URL is not set"):
+        create_app(config)
+    app = create_app({**config, "SMTP_URL": "smtps://user:pass@mail.example:465"})
+    assert app.test_client().get("/login").status_code == 200
+    assert not getattr(app.extensions["carnet.mail"], "local", True)
+
+
+def test_no_demo_customer_outside_development(connection, tmp_path, session):
+    app = create_app(app_config(tmp_path, CARNET_DB_BIND=connection, ENV="production",
+                                TESTING=False, SECRET_KEY="a-real-production-secret-0123456789",
+                                SMTP_URL="smtp://127.0.0.1:2525"))
+    with app.app_context():  # as `flask --app app demo` runs it
+        result = app.test_cli_runner().invoke(args=["demo"])
+    assert result.exit_code != 0
+    assert "development only" in result.output and "Password" not in result.output
+    assert accounts.find_by_email(session, "demo@example.com") is None
 
 
 def test_development_without_secret_key_generates_one(tmp_path, monkeypatch, connection):

@@ -195,6 +195,24 @@ def test_a_permanent_error_is_recorded_and_the_next_change_tries_again(cards: Ca
     assert card.failed_at is None and card.synced_points == 16
 
 
+def test_a_card_whose_sync_raises_is_retried_and_the_others_are_synced(
+        app: Flask, cards: Cards, google: FakeGoogle):
+    """An answer our code cannot read (not JSON) makes that card's sync raise: the card is
+    retried with backoff, and the other cards of the run are synced."""
+    first, second = cards.member_with_card(points=10), cards.member_with_card(points=20)
+    cards.earn(first, 1)
+    cards.earn(second, 2)
+    google.garble_next(1)   # the first card's PATCH
+    report = worker.run_once(app, ["wallet.google.sync"])["wallet.google.sync"]
+    assert isinstance(report, wallet_google.SyncReport)
+    assert report.claimed == 2 and report.retrying == 1
+    poisoned, synced = cards.card(first), cards.card(second)
+    assert synced.pending_change_id is None and synced.synced_points == 22
+    assert poisoned.pending_change_id is not None and poisoned.attempts == 1
+    assert poisoned.next_attempt_at is not None and poisoned.leased_until is None
+    assert poisoned.last_error == "unexpected error (JSONDecodeError)"
+
+
 def test_nothing_is_lost_when_the_worker_dies_between_claim_and_send(
         cards: Cards, google: FakeGoogle, monkeypatch: pytest.MonkeyPatch):
     member_id = cards.member_with_card(points=10)

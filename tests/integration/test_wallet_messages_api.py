@@ -20,7 +20,7 @@ from portal.models.google_wallet import GoogleNotification, GoogleWalletObject
 from portal.models.loyalty import Member
 from portal.models.wallet import WalletNews
 from portal.models.wallet_message import WalletMessageRecipient
-from portal.services import wallet_apple, wallet_google
+from portal.services import wallet_apple, wallet_google, wallet_messages
 from portal.services.catalog import get_catalog
 from portal.services.wallet_messages import deliver_due
 from portal.wallet_sync import google_client
@@ -255,6 +255,33 @@ def test_google_errors_are_retried_then_sent(app: Flask, api: Api, people: Peopl
     assert len(add_messages(google)) == 2                   # the 503, then the message
     [card] = google.objects.values()
     assert [m["id"] for m in card["messages"]] == [message_id]
+
+
+def test_a_recipient_whose_delivery_raises_does_not_stop_the_others(
+        app: Flask, api: Api, people: People, google: FakeGoogle):
+    """A queued row for a card that no longer exists makes its delivery raise: that row is
+    retried later, and the cards after it get the message in the same run."""
+    first, second = people.make(google_card=True), people.make(google_card=True)
+    gone = people.make()
+    message_id = api.post("/wallet/messages", {
+        **MESSAGE, "audience": {"customers": [first.public_id, second.public_id]}
+    }).get_json()["id"]
+    session = new_session(app)
+    with session.begin():
+        message = wallet_messages.find(session, message_id)
+        assert message is not None
+        session.add(WalletMessageRecipient(   # claimed first: the lowest id
+            message_id=message.id, customer_id=gone.id, platform="google",
+            target="3388000000000000000.gone", decision="send", reason="granted",
+            status="queued", attempts=0))
+    session.close()
+    worker.run_once(app, [JOB])
+    assert len(add_messages(google)) == 2
+    [poisoned] = people.rows(target="3388000000000000000.gone")
+    assert poisoned.status == "queued" and poisoned.attempts == 1
+    assert poisoned.next_attempt_at is not None and poisoned.leased_until is None
+    assert poisoned.error == "unexpected error (AssertionError)"
+    assert len([r for r in people.rows(platform="google") if r.status == "sent"]) == 2
 
 
 def test_a_message_sent_before_a_crash_is_not_sent_twice(app: Flask, api: Api, people: People,

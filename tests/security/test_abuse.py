@@ -1,5 +1,6 @@
 """Abuse: rate limits on log in, link requests, sign up and API keys (429 with Retry-After),
-with the in-memory backend and with Redis; and no account enumeration through answer times."""
+with the in-memory backend and with Redis; and no account enumeration through answer times.
+The database store and concurrency are in tests/integration/test_rate_limits.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from portal import create_app
-from portal.models.api import ApiKey
 from portal.services import accounts
 from portal.wallet_ws.issuer import apple_wallet
 from tests.conftest import Outbox, csrf_from
@@ -27,8 +27,8 @@ from tests.security.conftest import full_config, make_person, row_counts
 from tests.support.api_client import make_key
 
 REDIS_URL = os.environ.get("CARNET_REDIS_URL") or "redis://127.0.0.1:6379/15"
-LIMITS = {"LOGIN_RATE_LIMIT": "3/300", "LINK_RATE_LIMIT": "2/900",
-          "SIGNUP_RATE_LIMIT": "2/3600", "API_RATE_LIMIT": "3/60"}
+LIMITS = {"LOGIN_RATE_LIMIT": "3/300", "LOGIN_ADDRESS_RATE_LIMIT": "5/3600",
+          "LINK_RATE_LIMIT": "2/900", "SIGNUP_RATE_LIMIT": "2/3600", "API_RATE_LIMIT": "3/60"}
 
 
 def redis_client() -> Any:
@@ -44,11 +44,13 @@ def redis_client() -> Any:
 
 
 class Run:
-    """One test's unique mark, in every address and IP it uses, so that the Redis keys it
-    creates are its own and can be removed without touching anyone else's."""
+    """One test's unique mark, in every address and IP it uses and in the prefix of the Redis
+    keys it creates, so that they are its own and can be removed without touching anyone
+    else's."""
 
     def __init__(self) -> None:
         self.mark = uuid.uuid4().hex[:12]
+        self.prefix = f"carnet-test:{self.mark}:"
         number = int(self.mark[:6], 16)
         self.ip = f"10.{number >> 16 & 255}.{number >> 8 & 255}.{number & 255}"
 
@@ -69,9 +71,8 @@ def backend(request: pytest.FixtureRequest) -> Iterator[tuple[str | None, Run]]:
         return
     client = redis_client()
     yield REDIS_URL, run
-    for pattern in (f"carnet:rl:*{run.mark}*", f"carnet:rl:*{run.ip}*"):
-        for key in client.scan_iter(match=pattern):
-            client.delete(key)
+    for key in client.scan_iter(match=f"{run.prefix}*"):
+        client.delete(key)
     client.close()
 
 
@@ -89,8 +90,8 @@ def limited(connection: Connection, tmp_path: Path, apple_paths, google_key, bac
     cheap_passwords(monkeypatch)
     url, run = backend
     app = create_app(full_config(tmp_path, connection, apple_paths, google_key,
-                                 REDIS_URL=url, **LIMITS))
-    kind = type(app.extensions["carnet.ratelimit"]).__name__
+                                 REDIS_URL=url, RATE_LIMIT_KEY_PREFIX=run.prefix, **LIMITS))
+    kind = type(app.extensions["carnet.ratelimit"].backend).__name__
     assert kind == ("RedisBackend" if url else "MemoryBackend")
     yield app, run
     apple_wallet(app).close()
@@ -135,6 +136,34 @@ def test_log_in_is_limited_per_address_and_ip(limited, session):
                                       "password": "correct horse 1"}).status_code == 302
 
 
+def test_log_in_is_limited_per_address_from_any_ip(limited, session):
+    """Many IPs (a botnet, or one attacker rotating addresses) share one budget per address:
+    5 here, whatever the (address, IP) limit allows each of them."""
+    app, run = limited
+    person = make_person(session, run.email("ines"), member=False)
+    person.customer.password_hash = accounts.passwords.hash("correct horse 1")
+    session.commit()
+    for n in range(5):
+        client = client_from(app, run, f"{run.ip}{n}")
+        assert post(client, "/login", {"email": person.email,
+                                       "password": "wrong password"}).status_code == 401
+    fresh = client_from(app, run, "192.0.2.77")
+    # The client's IP is the connection's: a forwarded header changes nothing.
+    fresh.environ_base["HTTP_X_FORWARDED_FOR"] = "203.0.113.9"
+    assert_throttled(post(fresh, "/login", {"email": person.email,
+                                            "password": "correct horse 1"}), 3600)
+    assert fresh.get("/preferences").status_code == 302
+    # Other addresses are not affected.
+    assert post(fresh, "/login", {"email": run.email("other"),
+                                  "password": "wrong password"}).status_code == 401
+    if app.config["REDIS_URL"] and "6379" in app.config["REDIS_URL"]:
+        # The counters' keys name neither the address nor the IP.
+        keys = [k.decode() for k in redis_client().scan_iter(match=f"{run.prefix}*")]
+        assert any(k.startswith(f"{run.prefix}login_address:") for k in keys)
+        assert not [k for k in keys if run.mark in k.removeprefix(run.prefix)
+                    or "ines" in k or run.ip in k]
+
+
 @pytest.mark.parametrize("url", ["/link", "/forgot"])
 def test_link_requests_are_limited_per_address(limited, session, url):
     app, run = limited
@@ -177,31 +206,20 @@ def test_sign_up_is_limited_per_ip(limited, session):
 def test_an_api_key_is_limited(limited, session):
     app, run = limited
     secret = make_key(app, "decisions:read", name=f"limited-{run.mark}")
-    key_id = session.query(ApiKey.id).filter(ApiKey.name == f"limited-{run.mark}").scalar()
-    if app.config["REDIS_URL"]:  # key ids repeat between runs (rolled back): start clean
-        client_redis = redis_client()
-        client_redis.delete(f"carnet:rl:api:{key_id}")
-    try:
-        client = app.test_client()
-        headers = {"Authorization": f"Bearer {secret}"}
-        body = {"customer": {"email": run.email("x")}, "topic": "newsletter",
-                "channel": "email"}
-        for _ in range(3):
-            assert client.post("/api/v1/decisions", json=body, headers=headers
-                               ).status_code == 200
-        response = client.post("/api/v1/decisions", json=body, headers=headers)
-        assert response.status_code == 429
-        assert response.mimetype == "application/problem+json"
-        assert 0 < int(response.headers["Retry-After"]) <= 60
-        # Another key is counted apart.
-        other = make_key(app, "decisions:read", name=f"other-{run.mark}")
-        assert client.post("/api/v1/decisions", json=body,
-                           headers={"Authorization": f"Bearer {other}"}).status_code == 200
-    finally:
-        if app.config["REDIS_URL"]:
-            for name in (f"limited-{run.mark}", f"other-{run.mark}"):
-                found = session.query(ApiKey.id).filter(ApiKey.name == name).scalar()
-                client_redis.delete(f"carnet:rl:api:{found}")
+    # Key ids repeat between runs (rolled back): the run's own key prefix keeps them apart.
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {secret}"}
+    body = {"customer": {"email": run.email("x")}, "topic": "newsletter", "channel": "email"}
+    for _ in range(3):
+        assert client.post("/api/v1/decisions", json=body, headers=headers).status_code == 200
+    response = client.post("/api/v1/decisions", json=body, headers=headers)
+    assert response.status_code == 429
+    assert response.mimetype == "application/problem+json"
+    assert 0 < int(response.headers["Retry-After"]) <= 60
+    # Another key is counted apart.
+    other = make_key(app, "decisions:read", name=f"other-{run.mark}")
+    assert client.post("/api/v1/decisions", json=body,
+                       headers={"Authorization": f"Bearer {other}"}).status_code == 200
 
 
 # --- no account enumeration through answer times ---------------------------------------------
@@ -237,6 +255,7 @@ def timing_app(connection: Connection, tmp_path: Path, apple_paths,
                google_key) -> Iterator[Flask]:
     app = create_app(full_config(tmp_path, connection, apple_paths, google_key,
                                  REDIS_URL=None, LOGIN_RATE_LIMIT="100000/60",
+                                 LOGIN_ADDRESS_RATE_LIMIT="100000/60",
                                  LINK_RATE_LIMIT="100000/60"))
     yield app
     apple_wallet(app).close()

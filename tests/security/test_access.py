@@ -29,7 +29,9 @@ from portal.models.push import PushSubscription
 from portal.services import api_keys, tokens
 from portal.services.tokens import PURPOSES, fingerprint
 from portal.web.links import CONFIGURED_AGES
+from tests.conftest import csrf_from
 from tests.security.conftest import (
+    PASSWORD,
     Person,
     is_signed_in,
     meta_token,
@@ -90,14 +92,15 @@ def test_naming_someone_else_in_the_query_or_form_is_ignored(app, ann, bob):
         assert_shows_only(html, bob, ann)
     token = page_token(client, "/account")
     export = client.post("/account/export", query_string=other,
-                         data={"csrf_token": token, **other})
+                         data={"csrf_token": token, "export_password": PASSWORD, **other})
     assert export.status_code == 200
     assert_shows_only(export.get_data(as_text=True), bob, ann)
 
 
 def test_the_data_export_is_the_signed_in_persons_own(app, ann, bob):
     client = signed_in_client(app, bob.customer)
-    response = client.post("/account/export", data={"csrf_token": page_token(client, "/account")})
+    response = client.post("/account/export", data={"csrf_token": page_token(client, "/account"),
+                                                    "export_password": PASSWORD})
     assert response.status_code == 200
     assert response.headers["Cache-Control"] == "no-store"
     data = response.get_data(as_text=True)
@@ -271,8 +274,15 @@ def test_push_subscriptions_of_others_cannot_be_read_changed_or_removed(app, ses
         assert gone.status_code in (404, 422), guess
         renewed = bob_client.post("/push/subscriptions/renew", json={
             "old_endpoint": guess,
-            "subscription": make_fake_subscription("https://push.example.net")[0]})
+            "subscription": make_fake_subscription("https://push.example.net")[0]},
+            headers=headers)
         assert renewed.status_code in (404, 422), guess
+    # The endpoint itself is not enough either to have Ann's messages sent to Bob's browser.
+    renewed = bob_client.post("/push/subscriptions/renew", json={
+        "old_endpoint": ann_sub["endpoint"],
+        "subscription": make_fake_subscription("https://push.example.net")[0]},
+        headers=headers)
+    assert renewed.status_code == 404
     # A visitor who is not signed in cannot take over or re-pick an account's subscription.
     visitor = app.test_client()
     taken = visitor.post("/push/subscriptions", json={"subscription": ann_sub, "topics": []},
@@ -298,6 +308,11 @@ def test_push_json_endpoints_need_the_pages_csrf_token(app, session, ann):
                                headers=headers)
         assert response.status_code == 400
         assert response.mimetype == "application/problem+json"
+    renewal = {"old_endpoint": subscription["endpoint"], "subscription": subscription}
+    for headers in ({}, {"X-CSRFToken": "forged"}):
+        response = client.post("/push/subscriptions/renew", json=renewal, headers=headers)
+        assert response.status_code == 400
+        assert response.mimetype == "application/problem+json"
     assert row_counts(session) == before
 
 
@@ -309,6 +324,8 @@ ENDPOINTS = {
     "change-email": "/account/email/{}",
     "reset-password": "/reset/{}",
     "manage": "/m/{}",
+    "confirm-identity": "/account/confirm/{}",
+    "undo-email-change": "/account/email/undo/{}",
     "confirm-consent": "/confirm/{}",
     "unsubscribe": "/u/{}",
 }
@@ -318,9 +335,14 @@ def payload_for(purpose: str, customer: Customer) -> dict[str, Any]:
     """A payload that purpose's endpoint would accept for ``customer``."""
     return {
         "verify-email": {"c": customer.public_id, "m": customer.email, "e": customer.auth_epoch},
-        "change-email": {"c": customer.public_id, "m": customer.pending_email},
+        "change-email": {"c": customer.public_id, "m": customer.pending_email,
+                         "e": customer.auth_epoch},
         "reset-password": {"c": customer.public_id, "f": fingerprint(customer.password_hash)},
         "manage": {"c": customer.public_id, "e": customer.auth_epoch},
+        "confirm-identity": {"c": customer.public_id, "e": customer.auth_epoch,
+                             "j": "link-id-confirm", "n": "settings"},
+        "undo-email-change": {"c": customer.public_id, "m": "ann.old@example.com",
+                              "j": "link-id-undo"},
         "confirm-consent": {"c": customer.public_id, "t": ["newsletter"]},
         "unsubscribe": {"c": customer.public_id, "t": "newsletter", "ch": "email"},
     }[purpose]
@@ -338,11 +360,16 @@ def linked(session: Session, ann: Person) -> Customer:
 
 
 def use_link(client, purpose: str, token: str):
-    """GET the link, and POST it too where a POST is what acts (unsubscribe)."""
+    """GET the link, and POST it too where a POST is what acts (unsubscribe, and the single-use
+    links whose page shows a button: posted with that page's form token when it has one)."""
     url = ENDPOINTS[purpose].format(token)
     responses = [client.get(url)]
     if purpose == "unsubscribe":
         responses.append(client.post(url, data={"List-Unsubscribe": "One-Click"}))
+    if purpose in ("confirm-identity", "undo-email-change"):
+        html = responses[0].get_data(as_text=True)
+        form = {"csrf_token": csrf_from(html)} if responses[0].status_code == 200 else {}
+        responses.append(client.post(url, data=form))
     return responses
 
 

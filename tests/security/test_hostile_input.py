@@ -29,6 +29,7 @@ from portal.services.consent import Proof, record_consent
 from portal.services.tokens import fingerprint
 from tests.conftest import CATALOG, Outbox, path_of
 from tests.security.conftest import (
+    PASSWORD,
     PROGRAM,
     Person,
     meta_token,
@@ -111,7 +112,8 @@ def person(session: Session, monkeypatch: pytest.MonkeyPatch) -> Person:
 @pytest.fixture
 def anonymous(app: Flask, monkeypatch: pytest.MonkeyPatch) -> FlaskClient:
     cheap_passwords(monkeypatch)
-    app.config.update(LOGIN_RATE_LIMIT="100000/60", LINK_RATE_LIMIT="100000/60",
+    app.config.update(LOGIN_RATE_LIMIT="100000/60", LOGIN_ADDRESS_RATE_LIMIT="100000/60",
+                      LINK_RATE_LIMIT="100000/60",
                       SIGNUP_RATE_LIMIT="100000/60", PUSH_SUBSCRIBE_RATE_LIMIT="100000/60",
                       PUSH_BEACON_RATE_LIMIT="100000/60")
     return app.test_client()
@@ -441,7 +443,8 @@ def test_an_address_with_line_breaks_cannot_add_email_headers(app, anonymous, se
     assert row_counts(session) == before
     sign_in_by_link(app, anonymous, person.customer)
     response = anonymous.post("/account/email", data={
-        "csrf_token": page_token(anonymous, "/account"), "email": address})
+        "csrf_token": page_token(anonymous, "/account"), "email": address,
+        "current_password": PASSWORD})
     assert response.status_code < 500
     assert_no_injected_header(outbox)
 
@@ -449,7 +452,8 @@ def test_an_address_with_line_breaks_cannot_add_email_headers(app, anonymous, se
 def test_a_change_of_address_email_goes_only_to_the_new_address(app, anonymous, outbox, person):
     sign_in_by_link(app, anonymous, person.customer)
     response = anonymous.post("/account/email", data={
-        "csrf_token": page_token(anonymous, "/account"), "email": "zoe.new@example.com"})
+        "csrf_token": page_token(anonymous, "/account"), "email": "zoe.new@example.com",
+        "current_password": PASSWORD})
     assert response.status_code == 302
     message = outbox.last()
     assert message["To"] == "zoe.new@example.com"

@@ -58,6 +58,7 @@ class _ScriptedFailure:
     retry_after: str | None = None
     message: str = "scripted failure"
     stall: bool = False
+    raw: bytes | None = None  # answer these bytes as they are (not JSON)
 
 
 @dataclass
@@ -190,6 +191,13 @@ class _Handler(BaseHTTPRequestHandler):
         with state.lock:
             failure = state.failures.popleft() if state.failures else None
             expiry = state.tokens.get(record.bearer or "")
+        if failure is not None and failure.raw is not None:
+            self.send_response(failure.status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(failure.raw)))
+            self.end_headers()
+            self.wfile.write(failure.raw)
+            return
         if failure is not None:
             if failure.stall:
                 state.release.wait(STALL_LIMIT_SECONDS)
@@ -383,6 +391,13 @@ class FakeGoogle:
             self.state.release.clear()
             for _ in range(count):
                 self.state.failures.append(_ScriptedFailure(503, stall=True))
+
+    def garble_next(self, count: int = 1, body: bytes = b"<html>Gateway</html>") -> None:
+        """The next ``count`` Wallet calls answer 200 with a body that is not JSON, as a
+        misbehaving proxy on the way might."""
+        with self.state.lock:
+            for _ in range(count):
+                self.state.failures.append(_ScriptedFailure(200, raw=body))
 
     def release_stalled(self) -> None:
         self.state.release.set()

@@ -169,11 +169,17 @@ class FakePushService:
 
     ``verify=False`` skips VAPID checks and decryption (headers are still recorded); it
     exists to measure a client without the service's own cost, and is off by default.
+
+    ``name`` makes the service present itself under a DNS name instead of 127.0.0.1: its
+    endpoints and the VAPID ``aud`` it expects use the name, and its certificate (TLS mode)
+    covers it. Clients reach it through a resolver that maps the name to 127.0.0.1.
     """
 
-    def __init__(self, *, tls: bool = False, verify: bool = True) -> None:
+    def __init__(self, *, tls: bool = False, verify: bool = True,
+                 name: str | None = None) -> None:
         self.tls = tls
         self.verify = verify
+        self.name = name
         self._lock = threading.Lock()
         self._subscriptions: dict[str, FakeSubscriptionKeys] = {}
         self._scripts: dict[str, list[Answer]] = {}
@@ -193,7 +199,8 @@ class FakePushService:
         server.service = self
         if self.tls:
             self._tmp = tempfile.TemporaryDirectory(prefix="fake-push-")
-            self._tls_material = make_tls_material(Path(self._tmp.name), "Fake push service")
+            self._tls_material = make_tls_material(
+                Path(self._tmp.name), "Fake push service", (self.name,) if self.name else ())
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(self._tls_material.cert_path, self._tls_material.key_path)
             # Handshake in the per-connection thread, not in the accept loop.
@@ -230,7 +237,7 @@ class FakePushService:
     def origin(self) -> str:
         assert self._server is not None, "start() first"
         port = self._server.server_address[1]
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
+        return f"{'https' if self.tls else 'http'}://{self.name or '127.0.0.1'}:{port}"
 
     base_url = origin
 

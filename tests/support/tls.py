@@ -20,8 +20,9 @@ class TlsMaterial:
     key_path: Path
 
 
-def make_tls_material(directory: Path, label: str) -> TlsMaterial:
-    """A CA named after ``label`` and a leaf for 127.0.0.1 and localhost, as PEM files."""
+def make_tls_material(directory: Path, label: str, names: tuple[str, ...] = ()) -> TlsMaterial:
+    """A CA named after ``label`` and a leaf for 127.0.0.1, localhost and ``names``, as PEM
+    files."""
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{label} test CA")])
@@ -53,7 +54,8 @@ def make_tls_material(directory: Path, label: str) -> TlsMaterial:
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [x509.DNSName("localhost"), *(x509.DNSName(n) for n in names),
+                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
             ),
             critical=False,
         )

@@ -54,7 +54,7 @@ def customer_state(session, customer, topic):
 def test_subscription_input_is_checked_before_storing():
     raw, _ = make_fake_subscription(ORIGIN)
     assert push.check_subscription(raw, allow_http=False).endpoint == raw["endpoint"]
-    plain, _ = make_fake_subscription("http://127.0.0.1:9")
+    plain, _ = make_fake_subscription("http://push.example.net:8080")
     with pytest.raises(push.PushInputError) as exc:
         push.check_subscription(plain, allow_http=False)
     assert (exc.value.code, exc.value.field) == ("invalid_subscription", "subscription.endpoint")
@@ -68,6 +68,26 @@ def test_subscription_input_is_checked_before_storing():
     assert exc.value.code == "too_long"
     with pytest.raises(push.PushInputError):
         push.check_subscription("not an object", allow_http=False)
+
+
+@pytest.mark.parametrize(("endpoint", "reason"), [
+    ("https://127.0.0.1/p", "private_address"),
+    ("https://169.254.169.254/latest", "private_address"),
+    ("https://[::1]/p", "private_address"),
+    ("https://2130706433/p", "private_address"),
+    ("https://[::ffff:192.168.1.1]/p", "private_address"),
+    ("https://localhost/p", "reserved_name"),
+    ("https://printer.local/p", "reserved_name"),
+    ("https://push.example.net:25/p", "port"),
+])
+def test_endpoints_on_private_networks_are_refused_before_storing(endpoint, reason):
+    raw = {**make_fake_subscription(ORIGIN)[0], "endpoint": endpoint}
+    with pytest.raises(push.PushInputError) as exc:
+        push.check_subscription(raw, allow_http=False)
+    assert (exc.value.code, exc.value.field, exc.value.reason) == (
+        "refused_destination", "subscription.endpoint", reason)
+    if reason != "port":  # the setting lifts the address and name rules, not the port rule
+        assert push.check_subscription(raw, allow_http=False, allow_private=True)
 
 
 def test_topics_must_be_offered_on_web_push(catalog):
@@ -295,6 +315,36 @@ def test_gone_expires_exactly_that_endpoint(session, queued):
     session.refresh(longer)
     assert sub.expired_at is not None and sub.expired_reason == "gone"
     assert longer.expired_at is None
+
+
+def test_a_refused_destination_expires_exactly_that_endpoint(session, queued):
+    delivery, sub, longer, _ = queued
+    outcome = PushOutcome("refused_destination", sub.endpoint,
+                          detail="private_address: The URL points to a private network.")
+    assert push_messages.record_outcome(session, delivery.id, outcome, utcnow(), POLICY) \
+        == "expired"
+    assert delivery.reason == "refused_destination"
+    session.refresh(sub)
+    session.refresh(longer)
+    assert sub.expired_reason == "refused_destination" and longer.expired_at is None
+
+
+def test_only_the_callers_own_subscription_is_renewed(session):
+    owner = create_customer(session, "owner@example.com")
+    other = create_customer(session, "other@example.com")
+    mine = subscribe(session, customer=owner)
+    device = subscribe(session, device="dev-9")
+    fresh = push.check_subscription(make_fake_subscription(ORIGIN)[0], allow_http=False)
+    before = (mine.endpoint, device.endpoint)
+    for sub in (mine, device):
+        for customer, device_hash in ((other, None), (None, push.sha256("dev-1")),
+                                      (None, None)):
+            assert not push.renew(session, sub.endpoint, fresh, customer=customer,
+                                  device_hash=device_hash)
+    assert (mine.endpoint, device.endpoint) == before
+    assert push.renew(session, device.endpoint, fresh, customer=None,
+                      device_hash=push.sha256("dev-9"))
+    assert device.endpoint == fresh.endpoint
 
 
 def test_rate_limit_waits_retry_after_and_errors_back_off(session, queued):

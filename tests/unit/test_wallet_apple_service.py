@@ -215,6 +215,24 @@ def test_the_feed_consumer_updates_cards_for_points_tier_and_address_changes(ses
     assert sync.follow_changes(session).notified == 1
 
 
+def test_a_change_whose_data_cannot_be_read_does_not_hold_the_feed_back(session):
+    """A poisoned change (``fields`` not a list) counts as touching the card; the cursor
+    moves past it, and the changes after it still reach the other cards."""
+    member, other = new_member(session), new_member(session)
+    cards = [service.ensure_pass(session, m) for m in (member, other)]
+    for card, device in zip(cards, (DEVICE_A, DEVICE_B), strict=True):
+        service.register_device(session, card, device, TOKEN_A)
+    session.flush()
+    sync.follow_changes(session)
+    customer = session.get(Customer, member.customer_id)
+    changes.emit(session, "customer.updated", {"customer": customer.public_id, "fields": 5},
+                 customer.id)
+    earn(session, other, 10)
+    followed = sync.follow_changes(session)
+    assert followed.moved and followed.notified == 2
+    assert sync.follow_changes(session) == sync.Followed(False, 0)
+
+
 POLICY = sync.PushPolicy(base_seconds=30, max_attempts=3)
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import base64
 import email.utils
 import json
+import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -60,7 +62,8 @@ def _sender_for(
     service: FakePushService, keys: VapidKeys, *, timeout: float = 5.0
 ) -> WebPushSender:
     pool = make_push_pool(ca_certs=service.ca_path)
-    return WebPushSender(keys, SUBJECT, timeout=timeout, pool=pool)
+    # The local push service listens on 127.0.0.1: a private address, allowed here only.
+    return WebPushSender(keys, SUBJECT, timeout=timeout, pool=pool, allow_private=True)
 
 
 @pytest.fixture
@@ -227,7 +230,8 @@ def test_token_that_does_not_verify_against_k_is_refused(
             return header.split(", k=")[0] + ", k=" + generate_vapid_keys().public_key
 
     sender = AdvertisesAnotherKey(
-        vapid_keys, SUBJECT, pool=make_push_pool(ca_certs=push_service.ca_path)
+        vapid_keys, SUBJECT, pool=make_push_pool(ca_certs=push_service.ca_path),
+        allow_private=True
     )
     with sender.pool:
         outcome = sender.send(push_service.new_subscription(), _notification(), ttl=60)
@@ -257,7 +261,7 @@ def test_claims_follow_each_push_service(vapid_keys: VapidKeys) -> None:
         bundle = Path(first.ca_path).parent / "both.pem"
         bundle.write_bytes(Path(first.ca_path).read_bytes() + Path(second.ca_path).read_bytes())
         with make_push_pool(ca_certs=str(bundle)) as pool:
-            sender = WebPushSender(vapid_keys, SUBJECT, pool=pool)
+            sender = WebPushSender(vapid_keys, SUBJECT, pool=pool, allow_private=True)
             a, b = first.new_subscription(), second.new_subscription()
             outcomes = [sender.send(s, b"hello", ttl=60) for s in (a, b, a, b)]
         assert [o.status for o in outcomes] == ["sent"] * 4
@@ -421,9 +425,12 @@ def test_unreachable_service_is_retry(vapid_keys: VapidKeys) -> None:
     service = FakePushService(tls=True).start()
     subscription = service.new_subscription()
     service.stop()  # the port is closed now: connection refused
-    with WebPushSender(vapid_keys, SUBJECT, timeout=2.0) as sender:
+    with WebPushSender(vapid_keys, SUBJECT, timeout=2.0, allow_private=True) as sender:
         outcome = sender.send(subscription, b"x", ttl=60)
     assert outcome.status == "retry" and "cannot connect" in outcome.detail
+    # The kind of failure, not the error's text: no address or port to map a network with.
+    port = subscription["endpoint"].split(":")[2].split("/")[0]
+    assert "127.0.0.1" not in outcome.detail and port not in outcome.detail
 
 
 def test_malformed_subscription_is_reported_not_raised(
@@ -441,7 +448,7 @@ def test_malformed_subscription_is_reported_not_raised(
 def test_plain_http_push_service_only_when_allowed(vapid_keys: VapidKeys) -> None:
     with FakePushService(tls=False) as service:
         subscription = service.new_subscription()
-        with WebPushSender(vapid_keys, SUBJECT, allow_http=True) as sender:
+        with WebPushSender(vapid_keys, SUBJECT, allow_http=True, allow_private=True) as sender:
             assert sender.send(subscription, b"local", ttl=60).status == "sent"
         assert service.records[0].plaintext == b"local"
 
@@ -484,7 +491,103 @@ def test_untrusted_certificate_is_retry_not_sent(
     push_service: FakePushService, vapid_keys: VapidKeys
 ) -> None:
     """Default trust store: the throw-away CA is unknown, so nothing is delivered."""
-    with WebPushSender(vapid_keys, SUBJECT, timeout=2.0) as sender:
+    with WebPushSender(vapid_keys, SUBJECT, timeout=2.0, allow_private=True) as sender:
         outcome = sender.send(push_service.new_subscription(), b"x", ttl=60)
     assert outcome.status == "retry" and "SSL" in outcome.detail
     assert push_service.records == []
+
+
+# --------------------------------------------------------------------------- destinations
+
+PUSH_NAME = "push.example.test"
+
+
+def _resolver(mapping: dict[str, list[str]]) -> Callable[..., list[tuple[Any, ...]]]:
+    """A stand-in for ``socket.getaddrinfo`` (no DNS here): names to the addresses given."""
+
+    def resolve(host: str, port: int, *args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
+        if host not in mapping:
+            raise socket.gaierror(socket.EAI_NONAME, f"{host}: Name or service not known")
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                 (a, port)) for a in mapping[host]]
+
+    return resolve
+
+
+@pytest.fixture
+def named_service() -> Iterator[FakePushService]:
+    """The local push service under a DNS name, its certificate made for that name."""
+    with FakePushService(tls=True, name=PUSH_NAME) as service:
+        yield service
+
+
+def _port(service: FakePushService) -> str:
+    return service.origin.rsplit(":", 1)[1]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "2130706433", "0x7f.1", "[::ffff:127.0.0.1]",
+                                  "[::1]", "localhost", "169.254.169.254"])
+def test_a_private_endpoint_is_refused_before_any_connection(
+    push_service: FakePushService, vapid_keys: VapidKeys, host: str
+) -> None:
+    subscription = push_service.new_subscription()
+    endpoint = subscription["endpoint"].replace("127.0.0.1", host)
+    pool = make_push_pool(ca_certs=push_service.ca_path)
+    with WebPushSender(vapid_keys, SUBJECT, pool=pool, timeout=2.0) as sender:
+        outcome = sender.send(dict(subscription, endpoint=endpoint), b"secret", ttl=60)
+    assert outcome.status == "refused_destination" and outcome.should_deactivate
+    assert outcome.endpoint == endpoint
+    assert push_service.records == [] and push_service.connections_opened == 0
+
+
+def test_a_name_that_resolves_to_a_private_address_is_refused_when_sending(
+    named_service: FakePushService, vapid_keys: VapidKeys
+) -> None:
+    """Public-looking at subscription time; its DNS answer is what counts when sending, and
+    every address in it must pass (the client could pick any of them)."""
+    subscription = named_service.new_subscription()
+    pool = make_push_pool(ca_certs=named_service.ca_path)
+    for answer in (["127.0.0.1"], ["93.184.216.34", "127.0.0.1"], ["10.0.0.7"], ["::1"]):
+        with WebPushSender(vapid_keys, SUBJECT, pool=pool, timeout=2.0,
+                           resolver=_resolver({PUSH_NAME: answer})) as sender:
+            outcome = sender.send(subscription, b"secret", ttl=60)
+        assert outcome.status == "refused_destination", answer
+        assert outcome.detail.startswith("private_address")
+    assert named_service.records == [] and named_service.connections_opened == 0
+
+
+def test_a_pinned_send_verifies_tls_for_the_name_and_keeps_its_connection(
+    named_service: FakePushService, vapid_keys: VapidKeys
+) -> None:
+    """The request goes to the checked address, while TLS sends and verifies the endpoint's
+    name and the Host header names it; consecutive sends share one connection."""
+    resolver = _resolver({PUSH_NAME: ["127.0.0.1"], "other.example.test": ["127.0.0.1"]})
+    pool = make_push_pool(ca_certs=named_service.ca_path)
+    with WebPushSender(vapid_keys, SUBJECT, pool=pool, timeout=2.0, allow_private=True,
+                       resolver=resolver) as sender:
+        subscriptions = [named_service.new_subscription() for _ in range(3)]
+        assert subscriptions[0]["endpoint"].startswith(f"https://{PUSH_NAME}:")
+        outcomes = [sender.send(s, b"pinned", ttl=60) for s in subscriptions]
+        assert [o.status for o in outcomes] == ["sent"] * 3
+        assert [r.plaintext for r in named_service.records] == [b"pinned"] * 3
+        assert {r.headers["host"] for r in named_service.records} == {
+            f"{PUSH_NAME}:{_port(named_service)}"}
+        assert {r.claims["aud"] for r in named_service.records if r.claims} == {
+            named_service.origin}
+        assert named_service.connections_opened == 1
+        # Same address, a name the certificate does not cover (it does cover 127.0.0.1):
+        # refused by TLS, so the name is what is verified, not the address connected to.
+        other = dict(subscriptions[0], endpoint=subscriptions[0]["endpoint"].replace(
+            PUSH_NAME, "other.example.test"))
+        outcome = sender.send(other, b"pinned", ttl=60)
+    assert outcome.status == "retry" and "TLS" in outcome.detail
+    assert len(named_service.records) == 3
+
+
+def test_a_name_that_does_not_resolve_is_retried_without_the_resolver_text(
+    named_service: FakePushService, vapid_keys: VapidKeys
+) -> None:
+    with WebPushSender(vapid_keys, SUBJECT, timeout=2.0, resolver=_resolver({})) as sender:
+        outcome = sender.send(named_service.new_subscription(), b"x", ttl=60)
+    assert outcome.status == "retry" and not outcome.should_deactivate
+    assert outcome.detail.startswith("unresolvable") and "not known" not in outcome.detail
