@@ -21,7 +21,7 @@ from portal.api.common import (
 from portal.api.core import Admission, fast_json, not_found, timed, unprocessable
 from portal.api.schema import Int, Obj, Str
 from portal.api.schemas import BatchRequest, Channel, DecisionRequest, DispatchRequest
-from portal.db import get_session, reads, utcnow
+from portal.db import begin_write, get_session, reads, utcnow
 from portal.models.catalog import CHANNELS
 from portal.models.consent import Dispatch
 from portal.services import audiences, identity
@@ -72,7 +72,7 @@ def batch(body: dict[str, Any]) -> Any:
         responses={201: ("Recorded.", obj(id={"type": "integer"}))})
 def dispatch(body: dict[str, Any]) -> Any:
     session = get_session()
-    with session.begin():
+    with begin_write(session):
         customer = identity.resolve(session, body["customer"])
         if customer is None:
             return unprocessable("unknown_customer", "no such customer", "customer")

@@ -9,7 +9,7 @@ from portal.api.common import DATE_TIME, obj
 from portal.api.core import config, not_found, unprocessable
 from portal.api.schema import Int, Obj, Str
 from portal.api.schemas import WebhookCreate
-from portal.db import get_session
+from portal.db import begin_write, get_session
 from portal.outbound import RefusedDestination
 from portal.services import feed, webhooks
 
@@ -72,7 +72,7 @@ def create_webhook(body: dict[str, Any]) -> Any:
     reserved addresses (in any notation) and local names are refused with 422, and checked
     again, after resolving the name, at every delivery. The stored URL is normalised."""
     session = get_session()
-    with session.begin():
+    with begin_write(session):
         try:
             hook = webhooks.create(
                 session, body["url"], body["events"], body.get("description"),
@@ -105,7 +105,7 @@ def delete_webhook(webhook_id: str) -> Any:
     from portal.db import utcnow
 
     session = get_session()
-    with session.begin():
+    with begin_write(session):
         hook = webhooks.find(session, webhook_id)
         if hook is None:
             return not_found("no such webhook", "webhook_id")
@@ -118,7 +118,7 @@ def delete_webhook(webhook_id: str) -> Any:
 def enable_webhook(webhook_id: str) -> Any:
     """Delivery resumes where it stopped: nothing is lost while an endpoint is disabled."""
     session = get_session()
-    with session.begin():
+    with begin_write(session):
         hook = webhooks.find(session, webhook_id)
         if hook is None:
             return not_found("no such webhook", "webhook_id")

@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from portal.api.schema import Obj, Str
-from portal.db import get_session
+from portal.db import begin_write, get_session
 from portal.errors import problem
 from portal.services import idempotency
 
@@ -102,7 +102,7 @@ def run_once(key: str, write: Callable[[Session], Outcome]) -> Response:
     session = get_session()
     for attempt in range(2):
         try:
-            with session.begin():
+            with begin_write(session):
                 if attempt:
                     kept = idempotency.replay(session, actor, key, print_)
                     if kept is not None:

@@ -27,7 +27,7 @@ from portal.api.idempotent import (
     run_once,
 )
 from portal.api.schema import DateTime, FieldError, Int, Obj, Str
-from portal.db import get_session, utcnow
+from portal.db import begin_write, get_session, utcnow
 from portal.models.customer import Customer
 from portal.models.loyalty import LedgerEntry, Member
 from portal.services import identity
@@ -198,7 +198,7 @@ def enroll(body: dict[str, Any]) -> Any:
         return not_found(NO_PROGRAMME)
     session = get_session()
     try:
-        with session.begin():
+        with begin_write(session):
             customer = identity.by_public_id(session, body["customer"])
             if customer is None:
                 return not_found("no such customer", "customer")

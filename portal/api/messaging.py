@@ -8,7 +8,7 @@ from portal.api import api
 from portal.api.common import DATE_TIME, obj
 from portal.api.core import not_found, unprocessable
 from portal.api.schemas import InboundSms, SuppressionRequest, UnsubscribeLinkRequest
-from portal.db import get_session
+from portal.db import begin_write, get_session
 from portal.models.consent import Suppression
 from portal.models.customer import Customer
 from portal.services import identity, suppressions
@@ -41,7 +41,7 @@ def suppress(body: dict[str, Any]) -> Any:
     else:
         ref = body["customer"]
     session = get_session()
-    with session.begin():
+    with begin_write(session):
         customer = identity.resolve(session, ref)
         if customer is None:
             return unprocessable("unknown_customer", "no customer with this address",
@@ -56,7 +56,7 @@ def suppress(body: dict[str, Any]) -> Any:
         responses={200: ("The lifted suppression.", SUPPRESSION)})
 def lift(suppression_id: int) -> Any:
     session = get_session()
-    with session.begin():
+    with begin_write(session):
         row = session.get(Suppression, suppression_id) if suppression_id < 2**63 else None
         if row is None:
             return not_found("no such suppression", "suppression_id")
@@ -88,7 +88,7 @@ def inbound_sms(body: dict[str, Any]) -> Any:
     """STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT, REVOKE, OPT OUT, ARRET (alone or leading
     the message, any case) withdraw every SMS message, recorded with source ``sms``."""
     session = get_session()
-    with session.begin():
+    with begin_write(session):
         customer = identity.resolve(session, {"phone": body["from"]})
         result = suppressions.inbound_sms(session, get_catalog(session), customer,
                                           body["from"], body["body"])
