@@ -25,7 +25,7 @@ from werkzeug.datastructures import MultiDict
 
 from portal.services import accounts, tokens
 from portal.services.catalog import load_catalog_file, sync_catalog
-from portal.services.consent import Proof, record_consent
+from portal.services.consent import Proof, current_states, record_consent
 from portal.services.tokens import fingerprint
 from tests.conftest import CATALOG, Outbox, path_of
 from tests.security.conftest import (
@@ -243,17 +243,25 @@ def test_every_injection_in_every_field(member, session, url):
             post_form(member, session, url, {**SWEEP[url], field: value}, csrf)
 
 
-def test_preferences_ignore_made_up_fields_and_values(member, session):
+def test_preferences_ignore_made_up_fields_and_values(member, person, session):
     """Only "on" for a cell the catalog offers changes anything."""
     csrf = page_token(member, "/preferences")
     before = row_counts(session)
+    states = current_states(session, person.customer)
     response = member.post("/preferences", data={
         "csrf_token": csrf, "c:made_up:email": "on", "c:newsletter:pigeon": "on",
         "c:newsletter:email": "yes please", "off:pigeon": "on", "paused": "true"})
     assert response.status_code == 302
     after = row_counts(session)
+    now = current_states(session, person.customer)
     # Zoe's newsletter email consent (granted) is switched off, as an unticked box says.
-    assert after["consent_events"] >= before["consent_events"]
+    assert (states[("newsletter", "email")], now[("newsletter", "email")]) == (
+        "granted", "withdrawn")
+    # One event per choice that moved (the boxes not sent read as unticked too: the order
+    # updates, on by default), and none for the made-up topic or channel.
+    moved = {cell for cell, state in now.items() if state != states.get(cell)}
+    assert after["consent_events"] - before["consent_events"] == len(moved)
+    assert not {"made_up", "pigeon"} & {part for cell in now for part in cell}
     html = member.get("/preferences").get_data(as_text=True)
     assert "made_up" not in html and "pigeon" not in html
 
