@@ -45,8 +45,6 @@ settings.register_profile(
 )
 
 PASSWORD = "correct horse 1"
-# One argon2 hash made once: hashing costs ~0.4 s here, and most tests sign in by link.
-PASSWORD_HASH = accounts.passwords.hash(PASSWORD)
 PROGRAM = load_program(CATALOG)
 assert PROGRAM is not None
 VAPID = generate_vapid_keys()
@@ -102,7 +100,7 @@ def make_person(session: Session, email: str, *, postal_address: str | None = No
     membership with points; committed so the app's requests see it."""
     customer = accounts.create_customer(session, email, postal_address=postal_address,
                                         phone=phone, locale="en")
-    customer.password_hash = PASSWORD_HASH
+    customer.password_hash = accounts.passwords.hash(PASSWORD)
     accounts.mark_email_verified(session, customer, email)
     catalog = get_catalog(session)
     record_consent(session, customer, "newsletter", "email", "granted",

@@ -19,11 +19,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from passlib.context import CryptContext
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MultiDict
 
-from portal.services import accounts, tokens
+from portal.services import tokens
 from portal.services.catalog import load_catalog_file, sync_catalog
 from portal.services.consent import Proof, current_states, record_consent
 from portal.services.tokens import fingerprint
@@ -62,15 +61,6 @@ HOSTILE: st.SearchStrategy[str] = st.one_of(
 VALUES = st.one_of(HOSTILE, st.lists(HOSTILE, min_size=2, max_size=3))  # lists: duplicates
 
 
-def cheap_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Argon2 at its real cost takes ~0.4 s here; fuzzing is about input handling, so the
-    examples hash cheaply (the timing tests in test_abuse.py keep the real cost)."""
-    cheap = CryptContext(schemes=["argon2"], argon2__memory_cost=1024, argon2__rounds=1,
-                         argon2__parallelism=1)
-    monkeypatch.setattr(accounts, "passwords", cheap)
-    monkeypatch.setattr(accounts, "_DUMMY_HASH", cheap.hash("dummy password"))
-
-
 def form_data(fields: dict[str, Any], csrf: str) -> MultiDict[str, str]:
     data: MultiDict[str, str] = MultiDict([("csrf_token", csrf)])
     for name, value in fields.items():
@@ -98,20 +88,14 @@ def post_form(client: FlaskClient, session: Session, url: str, fields: dict[str,
 
 
 @pytest.fixture
-def person(session: Session, monkeypatch: pytest.MonkeyPatch) -> Person:
-    cheap_passwords(monkeypatch)
+def person(session: Session) -> Person:
     from tests.security.conftest import make_person
 
-    made = make_person(session, "zoe@example.com", postal_address="4 Zoe Alley", points=50)
-    made.customer.password_hash = accounts.passwords.hash("correct horse 1")
-    session.add(made.customer)
-    session.commit()
-    return made
+    return make_person(session, "zoe@example.com", postal_address="4 Zoe Alley", points=50)
 
 
 @pytest.fixture
-def anonymous(app: Flask, monkeypatch: pytest.MonkeyPatch) -> FlaskClient:
-    cheap_passwords(monkeypatch)
+def anonymous(app: Flask) -> FlaskClient:
     app.config.update(LOGIN_RATE_LIMIT="100000/60", LOGIN_ADDRESS_RATE_LIMIT="100000/60",
                       LINK_RATE_LIMIT="100000/60",
                       SIGNUP_RATE_LIMIT="100000/60", PUSH_SUBSCRIBE_RATE_LIMIT="100000/60",
