@@ -192,6 +192,8 @@ def start_server(url: str, port: int, workers: int = 2, threads: int = 8, root: 
          "-b", f"127.0.0.1:{port}",
          "--log-level", "warning", "app:app"], cwd=root, env=env, start_new_session=True)
     for _ in range(300):
+        if proc.poll() is not None:
+            raise SystemExit(f"gunicorn exited with status {proc.returncode} in {root}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/api/v1/_bare").status_code == 200:
                 return proc
