@@ -58,7 +58,9 @@ def _password_cost(production: bool) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def cheap_password_hashing() -> Iterator[None]:
     """Every test hashes passwords at argon2's lowest cost, except under
-    :func:`production_password_cost`."""
+    :func:`production_password_cost`. Hash in tests and fixtures, never when a module is
+    imported: collection runs before this fixture, and such a hash would cost the full price
+    at every sign-in (and be upgraded by it)."""
     _password_cost(production=False)
     yield
     _password_cost(production=True)
