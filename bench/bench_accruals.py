@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_decisions import free_port, pct, start_server  # noqa: E402
 
 import portal.models  # noqa: E402,F401
-from portal.db import Base, make_engine  # noqa: E402
+from portal.core.db import Base, make_engine  # noqa: E402
 from portal.models.customer import Customer  # noqa: E402
 from portal.models.loyalty import IdempotencyRecord, LedgerEntry, Member  # noqa: E402
 from portal.services import api_keys  # noqa: E402
@@ -121,7 +121,7 @@ def count_accrual(url: str, key: str, number: str, workdir: Path) -> tuple[int, 
     """(SQL statements, round trips) of one accrual through the app, in-process: the fifth
     earn of one member, so the figures are those of a member with a history. Round trips add
     BEGIN/COMMIT (a connection checkout costs none: the pool checks the idle socket with
-    ``poll()``, see ``portal/db.py``)."""
+    ``poll()``, see ``portal/core/db.py``)."""
     from portal import create_app
 
     app = create_app({"TESTING": True, "DATABASE_URL": url, "INSTANCE_PATH": str(workdir),

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import portal.models  # noqa: E402,F401
-from portal.db import Base, make_engine  # noqa: E402
+from portal.core.db import Base, make_engine  # noqa: E402
 from portal.models.consent import ConsentEvent, ConsentState, ContactRule, Suppression  # noqa: E402
 from portal.models.customer import Customer  # noqa: E402
 from portal.services import api_keys  # noqa: E402

@@ -36,7 +36,7 @@ from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 import portal.models  # noqa: E402,F401 - every table in Base.metadata
-from portal.db import Base, make_engine  # noqa: E402
+from portal.core.db import Base, make_engine  # noqa: E402
 from portal.models.customer import Customer  # noqa: E402
 from portal.models.loyalty import LedgerEntry, Lot, LotAllocation, Member  # noqa: E402
 from portal.services.catalog import load_catalog_file, sync_catalog  # noqa: E402

@@ -12,7 +12,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from portal.db import new_session
+from portal.core.db import new_session
 from portal.services.loyalty_program import LoyaltyProgram
 
 loyalty_cli = AppGroup("loyalty", help="The loyalty programme's ledger jobs.")

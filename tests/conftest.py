@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session
 
 import portal.models  # noqa: F401
 from portal import create_app
-from portal.config import ROOT
-from portal.db import Base, make_engine
+from portal.core.config import ROOT
+from portal.core.db import Base, make_engine
 from portal.services import accounts
 from portal.services.catalog import load_catalog_file, sync_catalog
 from tests.support.databases import KINDS, fresh_database

@@ -9,7 +9,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy.orm import Session
 
-from portal.db import get_session, utcnow
+from portal.core.db import get_session, utcnow
 from portal.models.customer import Customer
 from portal.services import identity
 from portal.services.catalog import Catalog, get_catalog

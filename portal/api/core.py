@@ -18,10 +18,10 @@ import orjson
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from sqlalchemy.exc import OperationalError
 
-from portal import ratelimit
 from portal.api.schema import Field, FieldError, Invalid, Obj
-from portal.db import get_session, read_outside_transactions
-from portal.errors import problem
+from portal.core import ratelimit
+from portal.core.db import get_session, read_outside_transactions
+from portal.core.errors import problem
 from portal.services import api_keys
 
 JSON_TYPES = ("application/json",)
@@ -251,8 +251,8 @@ class Api:
         itself, in its first statement, and receives an :class:`Admission` (``admission``)
         to call before anything else; a request whose key is missing or malformed, or whose
         arguments are invalid, is authenticated here as usual instead. ``read_only``: the
-        request's Session reads in autocommit (:func:`portal.db.read_outside_transactions`);
-        a ``key_in_view`` view that reads through :func:`portal.db.reads` has no Session.
+        request's Session reads in autocommit (:func:`portal.core.db.read_outside_transactions`);
+        a ``key_in_view`` view that reads through :func:`portal.core.db.reads` has no Session.
         ``problems``: the statuses the view answers itself (404, 409, 422...), with when;
         ``path``: the path parameters narrower than the default, as the view checks them."""
         assert not key_in_view or scopes, "key_in_view needs scopes"

@@ -17,7 +17,7 @@ from portal.api.common import (
 from portal.api.core import conflict, not_found, unprocessable
 from portal.api.schema import Obj, Str
 from portal.api.schemas import ConsentRequest, CustomerCreate, ExternalIdRef, MergeRequest
-from portal.db import begin_write, get_session, utcnow
+from portal.core.db import begin_write, get_session, utcnow
 from portal.services import identity
 from portal.services.accounts import AccountError
 from portal.services.catalog import get_catalog

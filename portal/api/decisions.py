@@ -21,7 +21,7 @@ from portal.api.common import (
 from portal.api.core import Admission, fast_json, not_found, timed, unprocessable
 from portal.api.schema import Int, Obj, Str
 from portal.api.schemas import BatchRequest, Channel, DecisionRequest, DispatchRequest
-from portal.db import begin_write, get_session, reads, utcnow
+from portal.core.db import begin_write, get_session, reads, utcnow
 from portal.models.catalog import CHANNELS
 from portal.models.consent import Dispatch
 from portal.services import audiences, identity
@@ -37,7 +37,7 @@ def decision(body: dict[str, Any], admission: Admission) -> Any:
     """Answers send, deny or defer with a stable reason code and the consent event that
     justifies it. ``explain`` adds the rules evaluated, in order."""
     # The caller's key is read in the decision's own statement: one round trip in all, on a
-    # connection of its own on PostgreSQL (no ORM Session: see portal.db.reads).
+    # connection of its own on PostgreSQL (no ORM Session: see portal.core.db.reads).
     known = catalog()
     with reads() as reader:
         result, key = identity.decide_about(

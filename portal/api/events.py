@@ -9,8 +9,8 @@ from portal.api.common import DATE_TIME, obj
 from portal.api.core import config, not_found, unprocessable
 from portal.api.schema import Int, Obj, Str
 from portal.api.schemas import WebhookCreate
-from portal.db import begin_write, get_session
-from portal.outbound import RefusedDestination
+from portal.core.db import begin_write, get_session
+from portal.core.outbound import RefusedDestination
 from portal.services import feed, webhooks
 
 EventsQuery = Obj({
@@ -102,7 +102,7 @@ def get_webhook(webhook_id: str) -> Any:
 @api.op("DELETE", "/webhooks/<webhook_id>", summary="Stop and remove an endpoint",
         tag="Webhooks", scopes=("webhooks:manage",), responses={204: ("Removed.", None)})
 def delete_webhook(webhook_id: str) -> Any:
-    from portal.db import utcnow
+    from portal.core.db import utcnow
 
     session = get_session()
     with begin_write(session):

@@ -23,8 +23,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from portal.api.schema import Obj, Str
-from portal.db import begin_write, get_session
-from portal.errors import problem
+from portal.core.db import begin_write, get_session
+from portal.core.errors import problem
 from portal.services import idempotency
 
 HEADER = "Idempotency-Key"

@@ -27,7 +27,7 @@ from portal.api.idempotent import (
     run_once,
 )
 from portal.api.schema import DateTime, FieldError, Int, Obj, Str
-from portal.db import begin_write, get_session, utcnow
+from portal.core.db import begin_write, get_session, utcnow
 from portal.models.customer import Customer
 from portal.models.loyalty import LedgerEntry, Member
 from portal.services import identity

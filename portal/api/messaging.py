@@ -8,7 +8,7 @@ from portal.api import api
 from portal.api.common import DATE_TIME, obj
 from portal.api.core import not_found, unprocessable
 from portal.api.schemas import InboundSms, SuppressionRequest, UnsubscribeLinkRequest
-from portal.db import begin_write, get_session
+from portal.core.db import begin_write, get_session
 from portal.models.consent import Suppression
 from portal.models.customer import Customer
 from portal.services import identity, suppressions

@@ -12,9 +12,9 @@ from portal.api.common import obj
 from portal.api.core import not_found, unprocessable
 from portal.api.schema import URL_CHAR, Int, Obj, Str
 from portal.api.schemas import Audience, Topic
-from portal.db import begin_write, get_session
+from portal.core.db import begin_write, get_session
+from portal.core.i18n import LOCALES
 from portal.delivery.webpush import MAX_TTL_SECONDS, URGENCIES
-from portal.i18n import LOCALES
 from portal.services import push_messages
 from portal.services.catalog import get_catalog
 

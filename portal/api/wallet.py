@@ -11,7 +11,7 @@ from portal.api.common import obj
 from portal.api.core import not_found, unprocessable
 from portal.api.schema import Obj, Str
 from portal.api.schemas import Audience, Topic
-from portal.db import begin_write, get_session
+from portal.core.db import begin_write, get_session
 from portal.services import wallet_messages
 from portal.services.catalog import get_catalog
 

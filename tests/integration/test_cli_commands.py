@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from portal import create_app
 from portal.cli import alembic_config
-from portal.db import make_engine, utcnow
+from portal.core.db import make_engine, utcnow
 from portal.models.api import ApiKey
 from portal.models.catalog import TopicWording
 from portal.models.consent import ContactRule

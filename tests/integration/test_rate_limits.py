@@ -17,9 +17,9 @@ from flask import Flask
 from sqlalchemy import Engine, delete, select
 
 from portal import create_app
-from portal.db import make_engine
-from portal.models.ratelimit import RateLimitCounter
-from portal.ratelimit import DatabaseBackend, MemoryBackend, RedisBackend
+from portal.core.db import make_engine
+from portal.core.ratelimit import DatabaseBackend, MemoryBackend, RedisBackend
+from portal.core.ratelimit_counters import RateLimitCounter
 from tests.conftest import app_config, csrf_from
 
 REDIS_URL = "redis://127.0.0.1:6379/15"

@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MultiDict
 
-from portal.services import tokens
+from portal.core import tokens
+from portal.core.tokens import fingerprint
 from portal.services.catalog import load_catalog_file, sync_catalog
 from portal.services.consent import Proof, current_states, record_consent
-from portal.services.tokens import fingerprint
 from tests.conftest import CATALOG, Outbox, path_of
 from tests.security.conftest import (
     PASSWORD,

@@ -1,4 +1,4 @@
-"""The private parts of SQLAlchemy that ``portal/fast_rows.py`` reads are still there.
+"""The private parts of SQLAlchemy that ``portal/core/fast_rows.py`` reads are still there.
 
 fast_rows runs compiled Core statements on the driver's cursor, so it relies on attributes
 SQLAlchemy does not promise to keep: a release that renames one would break every decision
@@ -22,7 +22,7 @@ from sqlalchemy.events import ConnectionEvents
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.types import TypeEngine
 
-from portal import fast_rows
+from portal.core import fast_rows
 from portal.models.customer import Customer
 
 DIALECTS: dict[str, Callable[[], Dialect]] = {
@@ -36,7 +36,7 @@ def need(owner: Any, name: str, label: str | None = None) -> Any:
     label = label or (owner.__name__ if isinstance(owner, type) else type(owner).__name__)
     if not hasattr(owner, name):
         pytest.fail(f"SQLAlchemy {sqlalchemy.__version__}: {label}.{name} is gone, and "
-                    f"portal/fast_rows.py reads it", pytrace=False)
+                    f"portal/core/fast_rows.py reads it", pytrace=False)
     return getattr(owner, name)
 
 
