@@ -76,12 +76,13 @@ translations-update: $(VENV)/.run-installed
 translations-compile: $(VENV)/.run-installed
 	$(BIN)/pybabel compile --statistics -d translations
 
-## make readme: refresh the README's configuration table from portal/config.py.
+## make readme: refresh the README's configuration table from portal/core/config.py.
 readme: $(VENV)/.run-installed
-	$(BIN)/python -c 'from portal.config import write_readme_table; write_readme_table()'
+	$(BIN)/python -c 'from portal.core.config import write_readme_table; write_readme_table()'
 
+## make bench: every benchmark at full size (PostgreSQL, npm); BENCH_ARGS=--smoke: seconds each.
 bench: $(VENV)/.test-installed
-	@for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	@for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script $(BENCH_ARGS) || exit 1; done
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check portal passes tests bench

@@ -12,10 +12,13 @@ requests again with their keys); and checks that the ledger holds exactly one en
 
     .venv/bin/python bench/bench_accruals.py
     .venv/bin/python bench/bench_accruals.py --members 50000 --seconds 20 --threads 16
+    .venv/bin/python bench/bench_accruals.py --smoke      # a few seconds: it still runs
 
 The database ``carnet_bench_loyalty`` on the local PostgreSQL is created for the run and dropped
 afterwards (an existing one is dropped first); no other database is touched. Server: gunicorn
-2 workers × 8 threads (gthread), started as in ``bench_decisions.py``.
+2 workers × 8 threads (gthread), started as in ``bench_decisions.py``. ``--smoke`` (run by
+tests/test_bench_smoke.py) uses a SQLite file instead, 50 members, 1 worker and short phases
+on a free port: its figures only show that every step still works.
 """
 
 from __future__ import annotations
@@ -45,10 +48,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_decisions import pct, start_server  # noqa: E402
+from bench_decisions import free_port, pct, start_server  # noqa: E402
 
 import portal.models  # noqa: E402,F401
-from portal.db import Base, make_engine  # noqa: E402
+from portal.core.db import Base, make_engine  # noqa: E402
 from portal.models.customer import Customer  # noqa: E402
 from portal.models.loyalty import IdempotencyRecord, LedgerEntry, Member  # noqa: E402
 from portal.services import api_keys  # noqa: E402
@@ -100,11 +103,12 @@ def seed(url: str, members: int) -> tuple[str, list[str]]:
                  "tier_changed_at": now, "updated_at": now, "next_expiry_at": NO_EXPIRY,
                  "window_earned": 0, "window_from": program.window_start(now)}
                 for i in chunk])
-        for table in ("customers", "loyalty_members"):
-            session.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
-                                 f"(SELECT MAX(id) FROM {table}))"))
+        if engine.dialect.name == "postgresql":  # SQLite continues after the largest id
+            for table in ("customers", "loyalty_members"):
+                session.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                                     f"(SELECT MAX(id) FROM {table}))"))
         key = api_keys.create_key(session, "bench", list(api_keys.SCOPES)).secret
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    with engine.begin() as conn:
         conn.execute(text("ANALYZE"))
     engine.dispose()
     return key, ordered
@@ -117,7 +121,7 @@ def count_accrual(url: str, key: str, number: str, workdir: Path) -> tuple[int, 
     """(SQL statements, round trips) of one accrual through the app, in-process: the fifth
     earn of one member, so the figures are those of a member with a history. Round trips add
     BEGIN/COMMIT (a connection checkout costs none: the pool checks the idle socket with
-    ``poll()``, see ``portal/db.py``)."""
+    ``poll()``, see ``portal/core/db.py``)."""
     from portal import create_app
 
     app = create_app({"TESTING": True, "DATABASE_URL": url, "INSTANCE_PATH": str(workdir),
@@ -195,18 +199,26 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per throughput run")
     parser.add_argument("--threads", type=int, default=16, help="client threads")
     parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--smoke", action="store_true", help="SQLite, tiny sizes, a few "
+                        "seconds: checks that the benchmark runs, its figures mean nothing")
     args = parser.parse_args()
+    workers, worker_threads, warm_up = 2, 8, 2.0
+    if args.smoke:
+        args.members, args.seconds, args.threads, args.port = 50, 0.4, 2, free_port()
+        workers, worker_threads, warm_up = 1, 4, 0.4
     workdir = Path(tempfile.mkdtemp(prefix="carnet-bench-accruals-"))
-    recreate_database()
+    url = f"sqlite:///{workdir / 'bench.db'}" if args.smoke else PG_BENCH
+    if not args.smoke:
+        recreate_database()
     server = None
     try:
         started = time.perf_counter()
-        key, numbers = seed(PG_BENCH, args.members)
+        key, numbers = seed(url, args.members)
         print(f"seeded {args.members:,} members in {time.perf_counter() - started:.1f} s")
-        statements, round_trips = count_accrual(PG_BENCH, key, numbers[0], workdir / "count")
+        statements, round_trips = count_accrual(url, key, numbers[0], workdir / "count")
         print(f"one accrual: {statements} SQL statements, {round_trips} database round trips "
               "(with BEGIN/COMMIT)")
-        server = start_server(PG_BENCH, args.port, workdir)
+        server = start_server(url, args.port, workers, worker_threads)
         base = f"http://127.0.0.1:{args.port}"
         run_id = [0]
 
@@ -229,10 +241,11 @@ def main() -> None:
                   f"p99 {pct(result[1], .99):6.1f} ms  ({result[2]} unexpected)", flush=True)
             return result
 
-        print(f"PostgreSQL, {args.members:,} members, gunicorn 2 workers × 8 threads (gthread), "
+        print(f"{'SQLite (smoke)' if args.smoke else 'PostgreSQL'}, {args.members:,} members, "
+              f"gunicorn {workers} workers × {worker_threads} threads (gthread), "
               f"{args.threads} client threads, {os.cpu_count()} CPUs shared with the client")
-        phase("warm-up (accruals)", accrual, 201, 2)
-        phase("warm-up (bare)", bare, 200, 2)
+        phase("warm-up (accruals)", accrual, 201, warm_up)
+        phase("warm-up (bare)", bare, 200, warm_up)
         bare_rps, bare_lat, _, _ = phase("bare endpoint (constant JSON)", bare, 200,
                                          args.seconds)
         rps, lat, errors, sent = phase("accrual with Idempotency-Key", accrual, 201,
@@ -248,7 +261,7 @@ def main() -> None:
 
         replay_rps = phase("replay (same key, same body)", replay, 201, args.seconds)[0]
 
-        engine = make_engine(PG_BENCH)
+        engine = make_engine(url)
         with Session(engine) as session:
             entries = session.scalar(select(func.count()).select_from(LedgerEntry))
             records = session.scalar(select(func.count()).select_from(IdempotencyRecord))
@@ -258,7 +271,8 @@ def main() -> None:
               f"({round_trips} round trips)")
         print(f"  ledger entries {entries:,}, idempotency records {records:,} "
               f"({errors + half[2]} unexpected statuses)")
-        print(json.dumps({"members": args.members, "bare_rps": round(bare_rps),
+        print(json.dumps({"db": "sqlite" if args.smoke else "postgresql",
+                          "members": args.members, "bare_rps": round(bare_rps),
                           "accrual_rps": round(rps), "ratio": round(rps / bare_rps, 3),
                           "bare_p50_ms": round(pct(bare_lat, .5), 1),
                           "bare_p99_ms": round(pct(bare_lat, .99), 1),
@@ -275,7 +289,8 @@ def main() -> None:
         if server is not None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
-        recreate_database(drop_only=True)
+        if not args.smoke:
+            recreate_database(drop_only=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -13,8 +13,11 @@ and prints, side by side:
     .venv/bin/python bench/bench_decisions.py                       # SQLite, 100,000 customers
     .venv/bin/python bench/bench_decisions.py --postgresql          # carnet_bench, 1,000,000
     .venv/bin/python bench/bench_decisions.py --postgresql --customers 200000
+    .venv/bin/python bench/bench_decisions.py --smoke     # a few seconds: it still runs
 
-The PostgreSQL database ``carnet_bench`` is created and dropped by this script.
+The PostgreSQL database ``carnet_bench`` is created and dropped by this script. ``--smoke``
+(run by tests/test_bench_smoke.py) shrinks everything to a few seconds on SQLite, on a free
+port: its figures only show that every step still works.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -45,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import portal.models  # noqa: E402,F401
-from portal.db import Base, make_engine  # noqa: E402
+from portal.core.db import Base, make_engine  # noqa: E402
 from portal.models.consent import ConsentEvent, ConsentState, ContactRule, Suppression  # noqa: E402
 from portal.models.customer import Customer  # noqa: E402
 from portal.services import api_keys  # noqa: E402
@@ -188,6 +192,8 @@ def start_server(url: str, port: int, workers: int = 2, threads: int = 8, root: 
          "-b", f"127.0.0.1:{port}",
          "--log-level", "warning", "app:app"], cwd=root, env=env, start_new_session=True)
     for _ in range(300):
+        if proc.poll() is not None:
+            raise SystemExit(f"gunicorn exited with status {proc.returncode} in {root}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/api/v1/_bare").status_code == 200:
                 return proc
@@ -210,6 +216,13 @@ def checkout(rev: str) -> Iterator[Path]:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(root)],
                        check=False)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A port nothing listens on now (smoke runs: several checkouts may bench at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def worker_pids(proc: subprocess.Popen) -> list[int]:
@@ -292,7 +305,16 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     parser.add_argument("--reuse", action="store_true", help="PostgreSQL: reuse carnet_bench "
                         "as a --keep run left it (same --customers) instead of seeding again")
+    parser.add_argument("--batch", type=int, default=10_000, help="items per batch")
+    parser.add_argument("--batches", type=int, default=5, help="batches timed")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on SQLite, a few "
+                        "seconds: checks that the benchmark runs, its figures mean nothing")
     args = parser.parse_args()
+    if args.smoke:
+        args.postgresql = args.reuse = args.keep = False
+        args.customers, args.seconds, args.threads = 300, 0.4, 2
+        args.workers, args.worker_threads, args.port = 1, 4, free_port()
+        args.batch, args.batches = 200, 2
     n = args.customers or (1_000_000 if args.postgresql else 100_000)
     workdir = Path(tempfile.mkdtemp(prefix="carnet-bench-"))
     if args.reuse and args.postgresql:
@@ -311,7 +333,7 @@ def main() -> None:
             return {"customer": {"email": f"c{rng.randint(1, n)}@bench.example"},
                     "topic": topic, "channel": channel}
 
-        load(base, key, "/api/v1/decisions", decision_body, 2, 4)  # warm up
+        load(base, key, "/api/v1/decisions", decision_body, min(2, args.seconds), 4)  # warm up
         # Bare and decisions take turns, three runs each: the machine's noise falls on both
         # alike, and the medians are compared.
         bare_runs: list[float] = []
@@ -328,16 +350,16 @@ def main() -> None:
         half_rps, lat, _ = load(base, key, "/api/v1/decisions", decision_body, args.seconds,
                                 max(4, args.threads // 2), rate=rps / 2)
 
-        items = [decision_body(random.Random(i)) for i in range(10_000)]
+        items = [decision_body(random.Random(i)) for i in range(args.batch)]
         batch_times: list[float] = []
         server_timings: list[dict[str, float]] = []
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"},
                           timeout=300) as client:
-            for _ in range(5):
+            for _ in range(args.batches):
                 started = time.perf_counter()
                 r = client.post("/api/v1/decisions/batch", json={"items": items})
                 batch_times.append(time.perf_counter() - started)
-                assert r.status_code == 200 and len(r.json()["results"]) == 10_000
+                assert r.status_code == 200 and len(r.json()["results"]) == args.batch
                 server_timings.append(parse_server_timing(r.headers["Server-Timing"]))
 
             pids = worker_pids(server)
@@ -364,14 +386,15 @@ def main() -> None:
         best = min(server_timings, key=lambda t: t["app"])
         median_server = statistics.median(t["app"] for t in server_timings)
         print(f"  bare endpoint (constant JSON)   {bare_rps:8.0f} req/s   (median of 3 runs of "
-              f"{args.seconds:.0f} s: " + ", ".join(f"{r:.0f}" for r in bare_runs) + ")")
+              f"{args.seconds:g} s: " + ", ".join(f"{r:.0f}" for r in bare_runs) + ")")
         print(f"  single decision                 {rps:8.0f} req/s   (median of 3, taking turns "
               f"with bare: " + ", ".join(f"{r:.0f}" for r in decision_runs)
               + f"; {errors} non-200)   = {rps / bare_rps:.2f} of bare")
         print(f"  at half load ({half_rps:5.0f} req/s)    p50 {pct(lat, .5):6.1f} ms   "
               f"p99 {pct(lat, .99):6.1f} ms")
-        print(f"  batch of 10,000 decisions       server {median_server:6.0f} ms (median of "
-              f"5; best {best['app']:.0f} ms = "
+        batch_label = f"batch of {args.batch:,} decisions"
+        print(f"  {batch_label:<32}server {median_server:6.0f} ms (median of {args.batches}; "
+              f"best {best['app']:.0f} ms = "
               + ", ".join(f"{k} {v:.0f}" for k, v in best.items() if k != "app")
               + f"); client waited {statistics.median(batch_times):.2f} s")
         print(f"  audience NDJSON newsletter/email {rows:,} rows in {export_s:.2f} s (median of "
@@ -383,6 +406,7 @@ def main() -> None:
                   f"{copy_rate[0] / copy_rate[1]:,.0f} rows/s; export = "
                   f"{rows / export_s / (copy_rate[0] / copy_rate[1]):.2f} of COPY")
         print(json.dumps({"db": "postgresql" if args.postgresql else "sqlite", "customers": n,
+                          "smoke": args.smoke, "batch": args.batch,
                           "bare_rps": round(bare_rps), "decision_rps": round(rps),
                           "p50_ms": round(pct(lat, .5), 1), "p99_ms": round(pct(lat, .99), 1),
                           "decision_vs_bare": round(rps / bare_rps, 2),

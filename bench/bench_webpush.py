@@ -3,6 +3,7 @@
 Run from the repository root::
 
     .venv/bin/python bench/bench_webpush.py [--messages 2000] [--subscriptions 50]
+    .venv/bin/python bench/bench_webpush.py --smoke     # 20 messages, no npm: it still runs
 
 A fan-out is simulated: ``messages / subscriptions`` distinct ~200-byte JSON notifications,
 each sent to every fake subscription. Both clients talk HTTPS (verified against a
@@ -16,8 +17,10 @@ The "worker path" row sends the way ``portal.push_worker`` does: one ``send`` pe
 (each may carry its own language), in chunks, on the worker's threads.
 
 ``web-push`` is installed from npm into a temporary folder on each run and driven by
-``/usr/bin/node`` (or ``--node``). Its defaults use Node's global HTTPS agent (keep-alive
-on since Node 19); the ``agent`` rows pass an explicit ``https.Agent({keepAlive: true})``.
+``/usr/bin/node`` (or ``--node``); ``--smoke`` (run by tests/test_bench_smoke.py) skips it,
+as a test must not download, and sends 20 messages through Carnet's three paths only.
+web-push's defaults use Node's global HTTPS agent (keep-alive on since Node 19); the
+``agent`` rows pass an explicit ``https.Agent({keepAlive: true})``.
 """
 
 from __future__ import annotations
@@ -327,7 +330,11 @@ def main() -> int:
     parser.add_argument("--no-verify", action="store_true", help="service skips VAPID+decrypt")
     parser.add_argument("--node", default=shutil.which("node") or "/usr/bin/node")
     parser.add_argument("--skip-node", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="20 messages, one round, no npm: "
+                        "checks that the benchmark runs, its figures mean nothing")
     args = parser.parse_args()
+    if args.smoke:
+        args.messages, args.subscriptions, args.rounds, args.skip_node = 20, 4, 1, True
 
     verify = not args.no_verify
     distinct = max(1, args.messages // args.subscriptions)
@@ -337,7 +344,7 @@ def main() -> int:
     keys = generate_vapid_keys()
 
     prefix: Path | None = None
-    node_label = "web-push skipped"
+    node_label = "web-push skipped" + (" (smoke: no npm install)" if args.smoke else "")
     if not args.skip_node:
         print("installing web-push from npm...", flush=True)
         prefix, node_label = install_web_push(args.node)

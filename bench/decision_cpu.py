@@ -56,7 +56,7 @@ def main() -> None:
                       CARNET_API_RATE_LIMIT="100000000/60", CARNET_ENV="development",
                       CARNET_BENCH_BARE="1")
     from app import app
-    from portal.db import get_engine
+    from portal.core.db import get_engine
     from portal.services import api_keys
 
     key = bench.new_key(bench.PG_BENCH)
@@ -86,8 +86,8 @@ def main() -> None:
 
     from sqlalchemy.dialects import postgresql
 
-    from portal.db import reads
-    from portal.fast_rows import _native, fetch_rows
+    from portal.core.db import reads
+    from portal.core.fast_rows import _native, fetch_rows
     from portal.services.decisions import _person_with_facts
 
     statement = _person_with_facts("postgresql", "email", api_keys.KEY_GUARD)

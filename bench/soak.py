@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_decisions import TOPICS, rss_kb, seed, worker_pids  # noqa: E402
 
 from portal import create_app  # noqa: E402
-from portal.db import make_engine, new_session  # noqa: E402
+from portal.core.db import make_engine, new_session  # noqa: E402
 from portal.models.customer import Customer  # noqa: E402
 from portal.services import loyalty  # noqa: E402
 from portal.services.consent import Proof  # noqa: E402

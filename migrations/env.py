@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 
 import portal.models  # noqa: F401  (registers every table)
-from portal.db import Base, make_engine
+from portal.core.db import Base, make_engine
 
 config = context.config
 target_metadata = Base.metadata
@@ -17,7 +17,7 @@ def url() -> str:
         return configured
     from pathlib import Path
 
-    from portal.config import load
+    from portal.core.config import load
 
     return str(load(Path("instance"))["DATABASE_URL"])
 

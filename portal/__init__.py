@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Flask
 
-from portal.config import ROOT
+from portal.core.config import ROOT
 
 
 def create_app(overrides: dict[str, Any] | None = None) -> Flask:
@@ -19,7 +19,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         template_folder=str(ROOT / "templates"),
         static_folder=str(ROOT / "static"),
     )
-    from portal import config
+    from portal.core import config
 
     app.config.update(config.load(Path(app.instance_path), overrides))
     production = app.config["ENV"] != "development"
@@ -35,7 +35,8 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     )
     logging.basicConfig(level=logging.INFO)
 
-    from portal import cli, db, errors, i18n, mailer, ratelimit, security
+    from portal import cli
+    from portal.core import db, errors, i18n, mailer, ratelimit, security
     from portal.web import register as register_web
 
     db.init_app(app)

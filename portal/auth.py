@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import current_app, g, redirect, request, session, url_for
 
-from portal.db import get_session, utcnow
+from portal.core.db import get_session, utcnow
 from portal.models.customer import Customer, SignInSession
 from portal.services import sign_ins
 from portal.web import transaction

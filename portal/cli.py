@@ -10,8 +10,8 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup
 
-from portal.config import ROOT
-from portal.db import new_session
+from portal.core.config import ROOT
+from portal.core.db import new_session
 
 catalog_cli = AppGroup("catalog", help="The topic catalog.")
 facts_cli = AppGroup("decision-facts", help="The copies of each customer's decision facts "

@@ -12,7 +12,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from portal.db import new_session
+from portal.core.db import new_session
 from portal.services.loyalty_program import LoyaltyProgram
 
 loyalty_cli = AppGroup("loyalty", help="The loyalty programme's ledger jobs.")
@@ -28,7 +28,8 @@ def _program() -> LoyaltyProgram:
 
 
 @loyalty_cli.command("expire", help="Expire points past their expiry date, oldest lots first.")
-@click.option("--batch-size", default=1000, show_default=True, help="Members per transaction.")
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Members per transaction.")
 def expire(batch_size: int) -> None:
     from portal.services.loyalty_jobs import ExpiryReport, TierReport, expire_batches, tier_batches
 
@@ -52,7 +53,8 @@ def expire(batch_size: int) -> None:
 
 
 @loyalty_cli.command("recompute-tiers", help="Recompute every member's tier from the window.")
-@click.option("--batch-size", default=1000, show_default=True, help="Members per transaction.")
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Members per transaction.")
 def recompute_tiers(batch_size: int) -> None:
     from portal.services.loyalty_jobs import TierReport, tier_batches
 

@@ -43,11 +43,13 @@ def vapid_keys(path: str | None, if_missing: bool) -> None:
             return
         raise click.ClickException(f"{target} already exists; refusing to replace a VAPID "
                                    "key that existing subscriptions depend on.")
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         save_vapid_private_key(generate_vapid_keys(), target)
     except VapidKeyError as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {target}: {exc.strerror or exc}") from exc
     keys = load_vapid_private_key(target)
     click.echo(f"VAPID private key written to {target} (keep it secret, back it up).")
     click.echo(f"Public key (applicationServerKey): {keys.public_key}")

@@ -17,7 +17,7 @@ from flask import Flask
 from flask.sansio.app import App
 from sqlalchemy.orm import Session
 
-from portal.db import new_session, utcnow
+from portal.core.db import new_session, utcnow
 from portal.delivery.webpush import (
     InvalidPushOptions,
     PayloadTooLarge,

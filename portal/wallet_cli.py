@@ -45,7 +45,8 @@ def dev_credentials() -> None:
                     help="Push changed points and tiers to Google Wallet cards now.")
 @click.option("--all", "mark_all", is_flag=True,
               help="Send every issued card again (after a change of card design).")
-@click.option("--batch-size", default=500, show_default=True, help="Cards per round.")
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1),
+              help="Cards per round.")
 def google_sync(mark_all: bool, batch_size: int) -> None:
     """What the worker does every few seconds, in rounds until nothing is due."""
     from portal.wallet_sync import close_google_client, sync_google_cards

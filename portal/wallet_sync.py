@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Flask
 
-from portal.db import new_session
+from portal.core.db import new_session
 from portal.delivery.google_wallet import GoogleWalletClient
 from portal.services import wallet_google, wallet_messages
 from portal.services.loyalty_program import LoyaltyProgram

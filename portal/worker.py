@@ -106,7 +106,7 @@ def deliver_webhooks(app: Flask) -> int:
     """Lease due endpoints, deliver each in order. Returns the number of changes sent."""
     import httpx
 
-    from portal.db import begin_write, new_session, utcnow
+    from portal.core.db import begin_write, new_session, utcnow
     from portal.services import webhooks
 
     policy = webhook_policy(app)
@@ -127,7 +127,7 @@ def deliver_webhooks(app: Flask) -> int:
 
 
 def prune_deliveries(app: Flask) -> int:
-    from portal.db import new_session, utcnow
+    from portal.core.db import new_session, utcnow
     from portal.services import webhooks
 
     session = new_session(app)
@@ -141,7 +141,7 @@ def prune_deliveries(app: Flask) -> int:
 def purge_idempotency_keys(app: Flask) -> int:
     """Forget Idempotency-Key answers older than ``IDEMPOTENCY_KEEP_DAYS``: clients retry
     within minutes; the table would otherwise grow with every accrual."""
-    from portal.db import new_session, utcnow
+    from portal.core.db import new_session, utcnow
     from portal.services import idempotency
 
     session = new_session(app)
@@ -154,7 +154,7 @@ def purge_idempotency_keys(app: Flask) -> int:
 
 def purge_sessions(app: Flask) -> int:
     """Forget sessions that ended by themselves (idle or too old)."""
-    from portal.db import new_session
+    from portal.core.db import new_session
     from portal.services import sign_ins
 
     limits = sign_ins.Limits(

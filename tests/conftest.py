@@ -19,8 +19,9 @@ from sqlalchemy.orm import Session
 
 import portal.models  # noqa: F401
 from portal import create_app
-from portal.config import ROOT
-from portal.db import Base, make_engine
+from portal.core.config import ROOT
+from portal.core.db import Base, make_engine
+from portal.services import accounts
 from portal.services.catalog import load_catalog_file, sync_catalog
 from tests.support.databases import KINDS, fresh_database
 
@@ -31,6 +32,47 @@ def prepare_schema(engine: Engine) -> None:
     Base.metadata.create_all(engine)
     with Session(engine) as session, session.begin():
         sync_catalog(session, load_catalog_file(CATALOG))
+
+
+# Password hashing as portal/services/accounts.py sets it up for production, read before any
+# test lowers it; and argon2's lowest cost, which the suite uses instead (about 0.1 ms a hash
+# against 0.2 to 0.4 s on this kind of machine: tests sign in, sign up and change passwords
+# by the hundred, and what they check does not depend on the cost).
+PRODUCTION_PASSWORDS = accounts.passwords.to_dict()
+PRODUCTION_DUMMY_HASH = accounts._DUMMY_HASH
+CHEAP_ARGON2 = {"argon2__rounds": 1, "argon2__memory_cost": 8, "argon2__parallelism": 1}
+
+
+def _password_cost(production: bool) -> None:
+    """The context is changed in place, so every module holding it hashes alike; the dummy
+    hash that unknown addresses are checked against follows, so that both paths still cost
+    the same."""
+    if production:
+        accounts.passwords.load(PRODUCTION_PASSWORDS)
+        accounts._DUMMY_HASH = PRODUCTION_DUMMY_HASH
+    else:
+        accounts.passwords.update(**CHEAP_ARGON2)
+        accounts._DUMMY_HASH = accounts.passwords.hash("a dummy password for the tests")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cheap_password_hashing() -> Iterator[None]:
+    """Every test hashes passwords at argon2's lowest cost, except under
+    :func:`production_password_cost`. Hash in tests and fixtures, never when a module is
+    imported: collection runs before this fixture, and such a hash would cost the full price
+    at every sign-in (and be upgraded by it)."""
+    _password_cost(production=False)
+    yield
+    _password_cost(production=True)
+
+
+@pytest.fixture
+def production_password_cost(cheap_password_hashing: None) -> Iterator[None]:
+    """Hashing at its production cost for one test: the tests that measure that cost (answer
+    times) or check its parameters."""
+    _password_cost(production=True)
+    yield
+    _password_cost(production=False)
 
 
 @pytest.fixture(scope="session", params=KINDS)

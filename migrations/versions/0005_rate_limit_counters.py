@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from portal.db import UTCDateTime
+from portal.core.db import UTCDateTime
 
 revision = '0005'
 down_revision = '0004'

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import portal.db
+import portal.core.db
 
 revision = '0006'
 down_revision = '0005'
@@ -28,8 +28,8 @@ def upgrade() -> None:
         sa.Column('key_hash', sa.String(length=64), nullable=False),
         sa.Column('method', sa.String(length=16), nullable=False),
         sa.Column('user_agent', sa.String(length=200), nullable=True),
-        sa.Column('created_at', portal.db.UTCDateTime(timezone=True), nullable=False),
-        sa.Column('last_seen_at', portal.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column('created_at', portal.core.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column('last_seen_at', portal.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(['customer_id'], ['customers.id'],
                                 name=op.f('fk_customer_sessions_customer_id_customers')),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_customer_sessions')),
@@ -40,7 +40,7 @@ def upgrade() -> None:
     op.create_table(
         'used_links',
         sa.Column('id', sa.String(length=32), nullable=False),
-        sa.Column('expires_at', portal.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column('expires_at', portal.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_used_links')),
     )
     op.create_index(op.f('ix_used_links_expires_at'), 'used_links', ['expires_at'],

@@ -36,7 +36,7 @@ def operations() -> list[Operation]:
 
 def init_app(app: Flask) -> None:
     from portal.api import docs
-    from portal.security import csrf
+    from portal.core.security import csrf
 
     operations()
     csrf.exempt(api.bp)

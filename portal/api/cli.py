@@ -6,7 +6,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from portal.db import new_session
+from portal.core.db import new_session
 from portal.services.api_keys import SCOPES
 
 api_keys_cli = AppGroup("api-keys", help="API keys of sending systems.")

@@ -9,7 +9,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy.orm import Session
 
-from portal.db import get_session, utcnow
+from portal.core.db import get_session, utcnow
 from portal.models.customer import Customer
 from portal.services import identity
 from portal.services.catalog import Catalog, get_catalog
@@ -65,6 +65,18 @@ def customer_json(session: Session, customer: Customer) -> dict[str, Any]:
     return identity.as_json(session, [customer])[0]
 
 
+def obj(*, optional: tuple[str, ...] = (), **props: Any) -> dict[str, Any]:
+    """A response object: every property is always present unless named in ``optional``."""
+    out: dict[str, Any] = {"type": "object", "properties": props}
+    required = [name for name in props if name not in optional]
+    if required:
+        out["required"] = required
+    return out
+
+
+DATE_TIME: dict[str, Any] = {"type": "string", "format": "date-time"}
+
+
 DECISION_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["decision", "allowed", "reason", "next_allowed_at", "contact", "evidence"],
@@ -77,22 +89,19 @@ DECISION_SCHEMA: dict[str, Any] = {
         "evidence": {"type": ["object", "null"], "properties": {
             "event_id": {"type": "integer"}, "occurred_at": {"type": "string"},
             "source": {"type": "string"}, "wording_version": {"type": ["integer", "null"]}}},
-        "trace": {"type": "array", "items": {"type": "object"}},
+        "trace": {"type": "array", "items": {
+            "type": "object", "required": ["rule", "outcome"],
+            "properties": {"rule": {"type": "string"}, "outcome": {"type": "string"}}},
+            "description": "Only with explain."},
     },
 }
 
-CUSTOMER_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string"}, "email": {"type": ["string", "null"]},
-        "phone": {"type": ["string", "null"]}, "postal_address": {"type": ["string", "null"]},
-        "locale": {"type": ["string", "null"]}, "timezone": {"type": ["string", "null"]},
-        "external_ids": {"type": "array", "items": {"type": "object"}},
-        "member_number": {"type": ["string", "null"]}, "created_at": {"type": "string"},
-        "erased": {"type": "boolean"},
-    },
-}
-
-
-def obj(**props: Any) -> dict[str, Any]:
-    return {"type": "object", "properties": props}
+CUSTOMER_SCHEMA: dict[str, Any] = obj(
+    id={"type": "string"}, email={"type": ["string", "null"]},
+    phone={"type": ["string", "null"]}, postal_address={"type": ["string", "null"]},
+    locale={"type": ["string", "null"]}, timezone={"type": ["string", "null"]},
+    external_ids={"type": "array", "items": obj(namespace={"type": "string"},
+                                                value={"type": "string"})},
+    member_number={"type": ["string", "null"]}, created_at=DATE_TIME,
+    erased={"type": "boolean"},
+)

@@ -18,10 +18,10 @@ import orjson
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from sqlalchemy.exc import OperationalError
 
-from portal import ratelimit
-from portal.api.schema import FieldError, Invalid, Obj
-from portal.db import get_session, read_outside_transactions
-from portal.errors import problem
+from portal.api.schema import Field, FieldError, Invalid, Obj
+from portal.core import ratelimit
+from portal.core.db import get_session, read_outside_transactions
+from portal.core.errors import problem
 from portal.services import api_keys
 
 JSON_TYPES = ("application/json",)
@@ -46,6 +46,12 @@ class Operation:
     headers: Obj | None = None
     # Only reads: the request runs outside a transaction on PostgreSQL (no BEGIN/COMMIT).
     read_only: bool = False
+    # Problems the view itself answers beyond those of the machinery (see
+    # :func:`portal.api.openapi.machinery_problems`), status -> when; published in the document.
+    problems: dict[int, str] = field(default_factory=dict)
+    # Path parameters whose values are narrower than "a string of 1 to 255 characters" (the
+    # view refuses the others): published in the document.
+    path_fields: dict[str, Field] = field(default_factory=dict)
 
     @property
     def path(self) -> str:
@@ -238,20 +244,23 @@ class Api:
            scopes: tuple[str, ...] = (), body: Obj | None = None, query: Obj | None = None,
            responses: dict[int, tuple[str, dict[str, Any] | None]] | None = None,
            description: str = "", media: dict[str, str] | None = None,
-           headers: Obj | None = None, read_only: bool = False, key_in_view: bool = False
+           headers: Obj | None = None, read_only: bool = False, key_in_view: bool = False,
+           problems: dict[int, str] | None = None, path: dict[str, Field] | None = None
            ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a view as an operation. ``key_in_view``: the view reads the caller's key
         itself, in its first statement, and receives an :class:`Admission` (``admission``)
         to call before anything else; a request whose key is missing or malformed, or whose
         arguments are invalid, is authenticated here as usual instead. ``read_only``: the
-        request's Session reads in autocommit (:func:`portal.db.read_outside_transactions`);
-        a ``key_in_view`` view that reads through :func:`portal.db.reads` has no Session."""
+        request's Session reads in autocommit (:func:`portal.core.db.read_outside_transactions`);
+        a ``key_in_view`` view that reads through :func:`portal.core.db.reads` has no Session.
+        ``problems``: the statuses the view answers itself (404, 409, 422...), with when;
+        ``path``: the path parameters narrower than the default, as the view checks them."""
         assert not key_in_view or scopes, "key_in_view needs scopes"
         def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
             operation = Operation(method, self.prefix + rule, f"{self.bp.name}.{view.__name__}",
                                   summary, tag, scopes, body, query, responses or {},
                                   description or (view.__doc__ or "").strip(), media or {},
-                                  headers, read_only)
+                                  headers, read_only, problems or {}, path or {})
             OPERATIONS.append(operation)
 
             @wraps(view)

@@ -6,11 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 from portal.api import api
-from portal.api.common import CUSTOMER_SCHEMA, customer_json, decision_json, obj
-from portal.api.core import bad_request, conflict, not_found, unprocessable
-from portal.api.schema import FieldError, Obj, Str
-from portal.api.schemas import ConsentRequest, CustomerCreate, MergeRequest
-from portal.db import begin_write, get_session, utcnow
+from portal.api.common import (
+    CUSTOMER_SCHEMA,
+    DATE_TIME,
+    DECISION_SCHEMA,
+    customer_json,
+    decision_json,
+    obj,
+)
+from portal.api.core import conflict, not_found, unprocessable
+from portal.api.schema import Obj, Str
+from portal.api.schemas import ConsentRequest, CustomerCreate, ExternalIdRef, MergeRequest
+from portal.core.db import begin_write, get_session, utcnow
 from portal.services import identity
 from portal.services.accounts import AccountError
 from portal.services.catalog import get_catalog
@@ -22,8 +29,11 @@ LookupQuery = Obj({
     "email": Str(min_length=1, max_length=320), "phone": Str(min_length=1, max_length=32),
     "member_number": Str(min_length=1, max_length=64),
     "namespace": Str(min_length=1, max_length=64), "value": Str(min_length=1, max_length=255),
-}, name="LookupQuery")
-CUSTOMER = (CUSTOMER_SCHEMA, {"description": "A customer."})
+}, one_of=(("email",), ("phone",), ("member_number",), ("namespace", "value")),
+    one_of_at="query", name="LookupQuery",
+    description="One identifier: email, phone, member_number, or namespace with value.")
+TAKEN = {409: "The email, phone or an external id belongs to another customer.",
+         422: "Also invalid_email, invalid_phone (not a valid address or number)."}
 
 
 def _problem_from(exc: identity.IdentityError | AccountError) -> Any:
@@ -34,17 +44,11 @@ def _problem_from(exc: identity.IdentityError | AccountError) -> Any:
 
 @api.op("GET", "/customers/lookup", summary="Find a customer by one identifier",
         tag="Customers", scopes=READ, query=LookupQuery,
-        responses={200: ("The customer (the survivor if merged).", CUSTOMER_SCHEMA)})
+        responses={200: ("The customer (the survivor if merged).", CUSTOMER_SCHEMA)},
+        problems={404: "No customer with this identifier."})
 def lookup(query: dict[str, Any]) -> Any:
     """Give one of email, phone, member_number, or namespace with value."""
-    given = set(query)
-    if given in ({"email"}, {"phone"}, {"member_number"}):
-        ref: dict[str, Any] = dict(query)
-    elif given == {"namespace", "value"}:
-        ref = {"external_id": dict(query)}
-    else:
-        return bad_request([FieldError("query", "exactly_one", "give exactly one of email, "
-                                       "phone, member_number, or namespace and value")])
+    ref: dict[str, Any] = {"external_id": dict(query)} if "namespace" in query else dict(query)
     session = get_session()
     with session.begin():
         customer = identity.resolve(session, ref)
@@ -55,7 +59,7 @@ def lookup(query: dict[str, Any]) -> Any:
 
 @api.op("POST", "/customers", summary="Create a customer", tag="Customers",
         scopes=("customers:write",), body=CustomerCreate,
-        responses={201: ("Created.", CUSTOMER_SCHEMA)})
+        responses={201: ("Created.", CUSTOMER_SCHEMA)}, problems=TAKEN)
 def create(body: dict[str, Any]) -> Any:
     """409 when the email, phone or an external id already belongs to someone."""
     session = get_session()
@@ -70,7 +74,10 @@ def create(body: dict[str, Any]) -> Any:
 @api.op("PUT", "/customers/external/<namespace>/<value>", summary="Create or update the "
         "customer another system knows by this id", tag="Customers",
         scopes=("customers:write",), body=CustomerCreate,
-        responses={200: ("Updated.", CUSTOMER_SCHEMA), 201: ("Created.", CUSTOMER_SCHEMA)})
+        path={"namespace": ExternalIdRef.fields["namespace"],
+              "value": ExternalIdRef.fields["value"]},
+        responses={200: ("Updated.", CUSTOMER_SCHEMA), 201: ("Created.", CUSTOMER_SCHEMA)},
+        problems=TAKEN)
 def upsert_external(namespace: str, value: str, body: dict[str, Any]) -> Any:
     if len(namespace) > 64 or len(value) > 255:
         return unprocessable("too_long", "namespace or value too long", "namespace")
@@ -124,8 +131,11 @@ def _key_name() -> str:
 
 @api.op("GET", "/customers/<customer_id>/preferences", summary="Effective consent per topic "
         "and channel", tag="Consent", scopes=("consent:write", "decisions:read"),
-        responses={200: ("The matrix.", obj(customer={"type": "string"},
-                                            preferences={"type": "array"}))})
+        responses={200: ("The matrix.", obj(customer={"type": "string"}, preferences={
+            "type": "array", "items": {**DECISION_SCHEMA, "required": [
+                "topic", "channel", *DECISION_SCHEMA["required"]], "properties": {
+                    "topic": {"type": "string"}, "channel": {"type": "string"},
+                    **DECISION_SCHEMA["properties"]}}}))})
 def preferences(customer_id: str) -> Any:
     session = get_session()
     with session.begin():
@@ -140,7 +150,11 @@ def preferences(customer_id: str) -> Any:
 
 @api.op("POST", "/customers/<customer_id>/consents", summary="Record a choice (call center, "
         "store, paper form...)", tag="Consent", scopes=("consent:write",), body=ConsentRequest,
-        responses={201: ("The consent event.", obj(event_id={"type": "integer"}))})
+        responses={201: ("The consent event.", obj(
+            event_id={"type": "integer"}, customer={"type": "string"},
+            topic={"type": "string"}, channel={"type": "string"},
+            state={"enum": ["granted", "withdrawn"]},
+            wording_version={"type": ["integer", "null"]}, occurred_at=DATE_TIME))})
 def consents(customer_id: str, body: dict[str, Any]) -> Any:
     """``topic`` or ``channel`` may be ``*`` (every topic: a channel switch; both: pause all
     marketing)."""

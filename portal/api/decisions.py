@@ -10,6 +10,7 @@ from flask import request as flask_request
 
 from portal.api import api
 from portal.api.common import (
+    DATE_TIME,
     DECISION_SCHEMA,
     at_or_now,
     catalog,
@@ -19,8 +20,8 @@ from portal.api.common import (
 )
 from portal.api.core import Admission, fast_json, not_found, timed, unprocessable
 from portal.api.schema import Int, Obj, Str
-from portal.api.schemas import BatchRequest, DecisionRequest, DispatchRequest
-from portal.db import get_session, reads, utcnow
+from portal.api.schemas import BatchRequest, Channel, DecisionRequest, DispatchRequest
+from portal.core.db import begin_write, get_session, reads, utcnow
 from portal.models.catalog import CHANNELS
 from portal.models.consent import Dispatch
 from portal.services import audiences, identity
@@ -36,7 +37,7 @@ def decision(body: dict[str, Any], admission: Admission) -> Any:
     """Answers send, deny or defer with a stable reason code and the consent event that
     justifies it. ``explain`` adds the rules evaluated, in order."""
     # The caller's key is read in the decision's own statement: one round trip in all, on a
-    # connection of its own on PostgreSQL (no ORM Session: see portal.db.reads).
+    # connection of its own on PostgreSQL (no ORM Session: see portal.core.db.reads).
     known = catalog()
     with reads() as reader:
         result, key = identity.decide_about(
@@ -71,7 +72,7 @@ def batch(body: dict[str, Any]) -> Any:
         responses={201: ("Recorded.", obj(id={"type": "integer"}))})
 def dispatch(body: dict[str, Any]) -> Any:
     session = get_session()
-    with session.begin():
+    with begin_write(session):
         customer = identity.resolve(session, body["customer"])
         if customer is None:
             return unprocessable("unknown_customer", "no such customer", "customer")
@@ -83,6 +84,8 @@ def dispatch(body: dict[str, Any]) -> Any:
     return {"id": row.id}, 201
 
 
+MEMBER = obj(customer={"type": "string"}, contact={"type": ["object", "null"]},
+             reason={"type": "string"}, locale={"type": ["string", "null"]})
 AudienceQuery = Obj({
     "limit": Int(minimum=1, maximum=5000, description="Page size (JSON); default 500."),
     "cursor": Str(min_length=1, max_length=40, description="next_cursor of the last page."),
@@ -91,9 +94,13 @@ AudienceQuery = Obj({
 
 @api.op("GET", "/audiences/<topic>/<channel>", summary="Everyone who may receive a topic "
         "on a channel now", tag="Audiences", scopes=("audiences:read",), query=AudienceQuery,
+        path={"channel": Channel},
+        problems={404: "No such topic.", 422: "Also channel_not_offered (the topic is not "
+                  "offered on this channel), invalid_cursor."},
         responses={200: ("A page of members; with Accept: application/x-ndjson, every "
                          "member as one JSON line, streamed.", obj(
-                             items={"type": "array", "items": {"type": "object"}},
+                             topic={"type": "string"}, channel={"type": "string"},
+                             at=DATE_TIME, items={"type": "array", "items": MEMBER},
                              next_cursor={"type": ["string", "null"]}))},
         media={NDJSON: "One member per line: {customer, contact, reason, locale}."})
 def audience(topic: str, channel: str, query: dict[str, Any]) -> Any:

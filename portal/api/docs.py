@@ -52,7 +52,7 @@ def add_bare_route(app: Flask) -> None:
     """Benchmarks only (``CARNET_BENCH_BARE=1``): constant JSON through the same server and
     middleware, to separate framework cost from decision cost."""
 
-    from portal.security import csrf
+    from portal.core.security import csrf
 
     @csrf.exempt
     def _bare() -> Any:

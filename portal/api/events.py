@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from portal.api import api
-from portal.api.common import obj
+from portal.api.common import DATE_TIME, obj
 from portal.api.core import config, not_found, unprocessable
 from portal.api.schema import Int, Obj, Str
 from portal.api.schemas import WebhookCreate
-from portal.db import get_session
-from portal.outbound import RefusedDestination
+from portal.core.db import begin_write, get_session
+from portal.core.outbound import RefusedDestination
 from portal.services import feed, webhooks
 
 EventsQuery = Obj({
@@ -22,8 +22,13 @@ EVENT = obj(id={"type": "string"}, sequence={"type": "integer"}, type={"type": "
             data={"type": "object"})
 WEBHOOK = obj(id={"type": "string"}, url={"type": "string"},
               events={"type": "array", "items": {"type": "string"}},
+              description={"type": ["string", "null"]}, created_at=DATE_TIME,
               status={"enum": ["active", "failing", "disabled"]},
-              secret={"type": "string", "description": "Only in the creation answer."})
+              failures={"type": "integer"},
+              next_attempt_at={"type": ["string", "null"], "format": "date-time"},
+              disabled_reason={"type": ["string", "null"]}, cursor={"type": "string"},
+              secret={"type": "string", "description": "Only in the creation answer."},
+              optional=("secret",))
 DELIVERY = obj(
     id={"type": "integer"}, event={"type": "integer"}, type={"type": "string"},
     attempt={"type": "integer", "description": "1, or the failure's rank in a row."},
@@ -36,8 +41,8 @@ DELIVERY = obj(
     status_code={"type": ["integer", "null"], "description": "The receiver's HTTP status."},
     error={"type": ["string", "null"],
            "description": "A fixed sentence per outcome, never the text of a network error."},
-    duration_ms={"type": "integer"}, attempted_at={"type": "string"},
-    next_attempt_at={"type": ["string", "null"]})
+    duration_ms={"type": "integer"}, attempted_at=DATE_TIME,
+    next_attempt_at={"type": ["string", "null"], "format": "date-time"})
 
 
 @api.op("GET", "/events", summary="The change feed, in commit order", tag="Events",
@@ -67,7 +72,7 @@ def create_webhook(body: dict[str, Any]) -> Any:
     reserved addresses (in any notation) and local names are refused with 422, and checked
     again, after resolving the name, at every delivery. The stored URL is normalised."""
     session = get_session()
-    with session.begin():
+    with begin_write(session):
         try:
             hook = webhooks.create(
                 session, body["url"], body["events"], body.get("description"),
@@ -97,10 +102,10 @@ def get_webhook(webhook_id: str) -> Any:
 @api.op("DELETE", "/webhooks/<webhook_id>", summary="Stop and remove an endpoint",
         tag="Webhooks", scopes=("webhooks:manage",), responses={204: ("Removed.", None)})
 def delete_webhook(webhook_id: str) -> Any:
-    from portal.db import utcnow
+    from portal.core.db import utcnow
 
     session = get_session()
-    with session.begin():
+    with begin_write(session):
         hook = webhooks.find(session, webhook_id)
         if hook is None:
             return not_found("no such webhook", "webhook_id")
@@ -113,7 +118,7 @@ def delete_webhook(webhook_id: str) -> Any:
 def enable_webhook(webhook_id: str) -> Any:
     """Delivery resumes where it stopped: nothing is lost while an endpoint is disabled."""
     session = get_session()
-    with session.begin():
+    with begin_write(session):
         hook = webhooks.find(session, webhook_id)
         if hook is None:
             return not_found("no such webhook", "webhook_id")

@@ -23,8 +23,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from portal.api.schema import Obj, Str
-from portal.db import get_session
-from portal.errors import problem
+from portal.core.db import begin_write, get_session
+from portal.core.errors import problem
 from portal.services import idempotency
 
 HEADER = "Idempotency-Key"
@@ -32,8 +32,10 @@ REPLAYED = "Idempotent-Replayed"
 MAX_LENGTH = 255
 PROBLEM_MEDIA = "application/problem+json"
 
+# What key_or_problem accepts: printable ASCII, not blank, not the empty string "" quoted.
+KEY_PATTERN = r'(?! *"" *$)[ -~]*[!-~][ -~]*'
 KeyHeaders = Obj({HEADER: Str(
-    min_length=1, max_length=MAX_LENGTH, example="order-1042-earn",
+    min_length=1, max_length=MAX_LENGTH, example="order-1042-earn", pattern=KEY_PATTERN,
     description="Unique per intended write (a UUID, or the order number and the operation). "
     "Same key and same body: the original answer is replayed with Idempotent-Replayed: true; "
     "same key and another body: 422.")}, required=(HEADER,), name="IdempotencyHeaders")
@@ -100,7 +102,7 @@ def run_once(key: str, write: Callable[[Session], Outcome]) -> Response:
     session = get_session()
     for attempt in range(2):
         try:
-            with session.begin():
+            with begin_write(session):
                 if attempt:
                     kept = idempotency.replay(session, actor, key, print_)
                     if kept is not None:

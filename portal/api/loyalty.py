@@ -27,7 +27,7 @@ from portal.api.idempotent import (
     run_once,
 )
 from portal.api.schema import DateTime, FieldError, Int, Obj, Str
-from portal.db import get_session, utcnow
+from portal.core.db import begin_write, get_session, utcnow
 from portal.models.customer import Customer
 from portal.models.loyalty import LedgerEntry, Member
 from portal.services import identity
@@ -59,7 +59,13 @@ Transaction = Obj({
     "store": Str(min_length=1, max_length=64, nullable=True, example="Paris 11"),
     "occurred_at": DateTime(description="When the sale happened; default now. Points expire "
                             "counting from it."),
-}, required=("type", "points", "reason"), name="LoyaltyTransaction")
+}, required=("type", "points", "reason"), name="LoyaltyTransaction", rules=(
+    # Checked by _transaction_errors (codes zero, too_small, required).
+    {"properties": {"points": {"not": {"const": 0}}}},
+    {"if": {"properties": {"type": {"enum": ["earn", "redeem"]}}},
+     "then": {"properties": {"points": {"minimum": 1}}}},
+    {"if": {"properties": {"type": {"const": "earn"}}}, "then": {"required": ["source_ref"]}},
+))
 
 Reversal = Obj({"reason": Str(min_length=1, max_length=200, example="Refund of order 1042")},
                required=("reason",), name="LoyaltyReversal")
@@ -167,12 +173,22 @@ def _member(session: Session, program: LoyaltyProgram, number: str) -> Member | 
 NO_PROGRAMME = "the catalog defines no loyalty programme"
 
 
+def key_problems(conflict_status: int, conflict_when: str, codes: str) -> dict[int, str]:
+    """The problems of a ledger write under an Idempotency-Key."""
+    return {400: "Also a missing or unusable Idempotency-Key.",
+            404: "No such member or entry, or no loyalty programme.",
+            conflict_status: conflict_when,
+            422: f"Also {codes}; idempotency-key-reused: the key came with another request."}
+
+
 # --- views -------------------------------------------------------------------------------------
 
 
 @api.op("POST", "/loyalty/members", summary="Enroll a customer in the loyalty programme",
         tag=TAG, scopes=WRITE, body=Enrollment,
-        responses={201: ("The new member.", MEMBER)})
+        responses={201: ("The new member.", MEMBER)},
+        problems={404: "Unknown customer, or no loyalty programme.",
+                  409: "Already a member.", 422: "Also terms_not_accepted."})
 def enroll(body: dict[str, Any]) -> Any:
     """The customer accepted ``terms_version`` of the programme terms (recorded as proof).
     404 unknown customer; 409 already a member; 422 not the current terms version. A former
@@ -182,7 +198,7 @@ def enroll(body: dict[str, Any]) -> Any:
         return not_found(NO_PROGRAMME)
     session = get_session()
     try:
-        with session.begin():
+        with begin_write(session):
             customer = identity.by_public_id(session, body["customer"])
             if customer is None:
                 return not_found("no such customer", "customer")
@@ -236,7 +252,10 @@ def _transaction_errors(body: dict[str, Any], program: LoyaltyProgram) -> list[F
 
 @api.op("POST", "/loyalty/members/<member_number>/transactions", summary="Earn, redeem or "
         "adjust points (Idempotency-Key required)", tag=TAG, scopes=WRITE, body=Transaction,
-        headers=KeyHeaders, responses={201: ("The entry, the new balance and tier.", POSTED)})
+        headers=KeyHeaders, responses={201: ("The entry, the new balance and tier.", POSTED)},
+        problems=key_problems(409, "The member already earned for this source_ref, or their "
+                              "membership ended.", "insufficient_points, in_future, too_old, "
+                              "blank"))
 def transactions(member_number: str, body: dict[str, Any]) -> Any:
     """409 when the member already earned for ``source_ref`` (whatever the key); 422
     ``insufficient_points`` when a redeem exceeds the balance (nothing is written). Replays
@@ -273,7 +292,9 @@ def transactions(member_number: str, body: dict[str, Any]) -> Any:
 @api.op("POST", "/loyalty/transactions/<int:entry_id>/reverse", summary="Reverse an entry "
         "(refund, return; Idempotency-Key required)", tag=TAG, scopes=WRITE, body=Reversal,
         headers=KeyHeaders, responses={201: ("The reversal entry, the new balance and tier.",
-                                             POSTED)})
+                                             POSTED)},
+        problems=key_problems(409, "The entry was already reversed.",
+                              "not_reversible, blank"))
 def reverse(entry_id: int, body: dict[str, Any]) -> Any:
     """Appends the exact opposite of an earn, redeem or adjust entry, once (409 when it was
     already reversed). Reversing a spent earn may leave the balance negative: the next

@@ -5,19 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from portal.api import api
-from portal.api.common import obj
+from portal.api.common import DATE_TIME, obj
 from portal.api.core import not_found, unprocessable
 from portal.api.schemas import InboundSms, SuppressionRequest, UnsubscribeLinkRequest
-from portal.db import get_session
+from portal.core.db import begin_write, get_session
 from portal.models.consent import Suppression
 from portal.models.customer import Customer
 from portal.services import identity, suppressions
 from portal.services.catalog import get_catalog
 
+RFC8058: dict[str, Any] = {
+    "type": "object", "required": ["List-Unsubscribe", "List-Unsubscribe-Post"],
+    "properties": {"List-Unsubscribe": {"type": "string"},
+                   "List-Unsubscribe-Post": {"const": "List-Unsubscribe=One-Click"}}}
 ADDRESS_KIND = {"email": "email", "sms": "phone", "voice": "phone"}
 SUPPRESSION = obj(id={"type": "integer"}, customer={"type": "string"},
                   channel={"type": "string"}, reason={"type": "string"},
-                  lifted_at={"type": ["string", "null"]})
+                  address={"type": ["string", "null"]}, source={"type": "string"},
+                  created_at=DATE_TIME, lifted_at={"type": ["string", "null"],
+                                                   "format": "date-time"})
 
 
 @api.op("POST", "/suppressions", summary="Suppress a channel after a bounce, complaint or "
@@ -25,8 +31,6 @@ SUPPRESSION = obj(id={"type": "integer"}, customer={"type": "string"},
         responses={201: ("The suppression.", SUPPRESSION)})
 def suppress(body: dict[str, Any]) -> Any:
     """Name the person by ``customer`` or by the ``address`` that bounced."""
-    if ("customer" in body) == ("address" in body):
-        return unprocessable("exactly_one", "give customer or address", "address")
     channel = body["channel"]
     if "address" in body:
         kind = ADDRESS_KIND.get(channel)
@@ -37,7 +41,7 @@ def suppress(body: dict[str, Any]) -> Any:
     else:
         ref = body["customer"]
     session = get_session()
-    with session.begin():
+    with begin_write(session):
         customer = identity.resolve(session, ref)
         if customer is None:
             return unprocessable("unknown_customer", "no customer with this address",
@@ -52,7 +56,7 @@ def suppress(body: dict[str, Any]) -> Any:
         responses={200: ("The lifted suppression.", SUPPRESSION)})
 def lift(suppression_id: int) -> Any:
     session = get_session()
-    with session.begin():
+    with begin_write(session):
         row = session.get(Suppression, suppression_id) if suppression_id < 2**63 else None
         if row is None:
             return not_found("no such suppression", "suppression_id")
@@ -84,7 +88,7 @@ def inbound_sms(body: dict[str, Any]) -> Any:
     """STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT, REVOKE, OPT OUT, ARRET (alone or leading
     the message, any case) withdraw every SMS message, recorded with source ``sms``."""
     session = get_session()
-    with session.begin():
+    with begin_write(session):
         customer = identity.resolve(session, {"phone": body["from"]})
         result = suppressions.inbound_sms(session, get_catalog(session), customer,
                                           body["from"], body["body"])
@@ -94,8 +98,7 @@ def inbound_sms(body: dict[str, Any]) -> Any:
 
 @api.op("POST", "/unsubscribe-links", summary="Unsubscribe link and RFC 8058 headers for a "
         "message", tag="Decisions", scopes=("links:write",), body=UnsubscribeLinkRequest,
-        responses={200: ("The link and headers.", obj(url={"type": "string"},
-                                                      headers={"type": "object"}))})
+        responses={200: ("The link and headers.", obj(url={"type": "string"}, headers=RFC8058))})
 def unsubscribe_link(body: dict[str, Any]) -> Any:
     """Whoever follows the link withdraws the customer's consent to the topic on the channel,
     so minting one needs its own scope, `links:write` (not `decisions:read`)."""

@@ -36,6 +36,12 @@ def _join(path: str, name: str | int) -> str:
 
 
 SLOW = object()  # Field.quick: "take the full path"
+NO_NUL = r"^[^\x00]*$"
+# One character of a URL: neither a control character nor a space. Spelled out, not \s, so
+# that the pattern means the same to Python, which enforces it, and to JSON Schema (ECMA-262),
+# which publishes it.
+URL_CHAR = (r"[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+            r"\ufeff]")
 
 
 class Field:
@@ -125,8 +131,10 @@ class Str(Field):
             out["maxLength"] = self.max_length
             if self.min_length:
                 out["minLength"] = self.min_length
-            if self.pattern is not None:
-                out["pattern"] = f"^(?:{self.pattern.pattern})$"
+            # NUL is refused in every string (PostgreSQL cannot store it): a pattern given
+            # must not match it either.
+            out["pattern"] = (f"^(?:{self.pattern.pattern})$" if self.pattern is not None
+                              else NO_NUL)
         return out
 
 
@@ -167,6 +175,8 @@ class Int(Field):
         return value
 
     def check(self, value: Any, path: str, errors: list[FieldError]) -> Any:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # JSON has numbers only: 120.0 is the integer 120
         if isinstance(value, bool) or not isinstance(value, int):
             errors.append(FieldError(path, "type", "must be an integer"))
             return None
@@ -246,17 +256,40 @@ class Arr(Field):
         return out
 
 
+def _only(group: frozenset[str], others: frozenset[str]) -> dict[str, Any]:
+    """JSON Schema: every field of ``group`` given, none of ``others``."""
+    out: dict[str, Any] = {"required": sorted(group)}
+    if others:
+        out["not"] = {"anyOf": [{"required": [name]} for name in sorted(others)]}
+    return out
+
+
 class Obj(Field):
     """An object; fields not declared are refused (``unknown_field``)."""
 
     json_type = "object"
 
     def __init__(self, fields: dict[str, Field], *, required: tuple[str, ...] = (),
-                 exactly_one: bool = False, name: str | None = None, **kw: Any) -> None:
+                 exactly_one: bool = False, name: str | None = None,
+                 one_of: tuple[tuple[str, ...], ...] = (), one_of_at: str = "",
+                 rules: tuple[dict[str, Any], ...] = (), **kw: Any) -> None:
+        """``one_of``: groups of fields of which exactly one is given, whole (``exactly_one``
+        at ``one_of_at``). ``rules``: JSON Schema conditions across fields that the view
+        checks itself, published so that a request the document calls valid is."""
         super().__init__(**kw)
         self.fields, self.required, self.exactly_one, self.name = (
             fields, required, exactly_one, name)
         self._required = frozenset(required)
+        self.one_of = tuple(frozenset(group) for group in one_of)
+        self._one_of_names = frozenset().union(*self.one_of)
+        self.one_of_at, self.rules = one_of_at, rules
+
+    def _one_of_error(self, value: dict[str, Any], path: str) -> FieldError | None:
+        if not self.one_of or frozenset(value.keys() & self._one_of_names) in self.one_of:
+            return None
+        groups = ["+".join(sorted(group)) for group in self.one_of]
+        return FieldError(self.one_of_at or path or "body", "exactly_one",
+                          "give exactly one of " + ", ".join(groups))
 
     def quick(self, value: Any) -> Any:
         if type(value) is not dict:
@@ -274,7 +307,8 @@ class Obj(Field):
                 if out is None:
                     out = dict(value)
                 out[key] = result
-        if (self.exactly_one and len(value) != 1) or not self._required <= value.keys():
+        if ((self.exactly_one and len(value) != 1) or not self._required <= value.keys()
+                or self._one_of_error(value, "") is not None):
             return SLOW
         return value if out is None else out
 
@@ -293,6 +327,9 @@ class Obj(Field):
         if self.exactly_one and len([k for k in value if k in self.fields]) != 1:
             errors.append(FieldError(path or "body", "exactly_one",
                                      "give exactly one of " + ", ".join(self.fields)))
+        one_of = self._one_of_error(value, path)
+        if one_of is not None:
+            errors.append(one_of)
         for key, spec in self.fields.items():
             if key in value:
                 out[key] = spec.validate(value[key], _join(path, key), errors)
@@ -308,6 +345,10 @@ class Obj(Field):
         if self.exactly_one:
             out["minProperties"] = 1
             out["maxProperties"] = 1
+        if self.one_of:
+            out["oneOf"] = [_only(group, self._one_of_names - group) for group in self.one_of]
+        if self.rules:
+            out["allOf"] = list(self.rules)
         return out
 
     def parse(self, value: Any) -> dict[str, Any]:
@@ -333,6 +374,9 @@ class Obj(Field):
         if self.exactly_one and len(out) != 1:
             errors.append(FieldError("query", "exactly_one",
                                      "give exactly one of " + ", ".join(self.fields)))
+        one_of = self._one_of_error(args, "query")
+        if one_of is not None:
+            errors.append(one_of)
         if errors:
             raise Invalid(errors)
         return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from portal.api.schema import Arr, Bool, DateTime, Field, FieldError, Int, Obj, Str
+from portal.api.schema import URL_CHAR, Arr, Bool, DateTime, Field, FieldError, Int, Obj, Str
 from portal.models.catalog import CHANNELS
 
 ExternalIdRef = Obj({
@@ -30,11 +30,11 @@ class Audience(Field):
     """A message's audience: ``"all"`` or ``{"customers": [ids]}`` (push and wallet)."""
 
     def __init__(self, name: str, description: str) -> None:
+        super().__init__(description=description)
         self.customers = Obj({
             "customers": Arr(Str(min_length=1, max_length=40, description="Carnet customer id."),
                              min_items=1, max_items=MAX_AUDIENCE),
         }, required=("customers",), name=name)
-        self.description = description
 
     def check(self, value: Any, path: str, errors: list[FieldError]) -> Any:
         if value == "all":
@@ -109,7 +109,8 @@ SuppressionRequest = Obj({
     "address": Str(min_length=3, max_length=320, description="Email or phone number."),
     "channel": Channel,
     "reason": Str(enum=("hard_bounce", "complaint", "sms_stop", "manual")),
-}, required=("channel", "reason"), name="SuppressionRequest")
+}, required=("channel", "reason"), one_of=(("customer",), ("address",)), one_of_at="address",
+    name="SuppressionRequest", description="Name the person by customer or by address.")
 
 InboundSms = Obj({
     "from": Str(min_length=3, max_length=32),
@@ -121,7 +122,7 @@ UnsubscribeLinkRequest = Obj({"customer": CustomerRef, "topic": Topic, "channel"
                              name="UnsubscribeLinkRequest")
 
 WebhookCreate = Obj({
-    "url": Str(min_length=8, max_length=2000, pattern=r"https?://[^\s]+",
+    "url": Str(min_length=8, max_length=2000, pattern=f"https?://{URL_CHAR}+",
                example="https://hooks.example.com/carnet"),
     "events": Arr(Str(min_length=1, max_length=64, pattern=r"\*|[a-z_]+\.(\*|[a-z_]+)"),
                   min_items=1, max_items=50, example=["consent.*", "suppression.added"]),

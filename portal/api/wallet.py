@@ -11,7 +11,7 @@ from portal.api.common import obj
 from portal.api.core import not_found, unprocessable
 from portal.api.schema import Obj, Str
 from portal.api.schemas import Audience, Topic
-from portal.db import get_session
+from portal.core.db import begin_write, get_session
 from portal.services import wallet_messages
 from portal.services.catalog import get_catalog
 
@@ -56,7 +56,7 @@ def send_message(body: dict[str, Any]) -> Any:
     worker, not in this request."""
     session = get_session()
     try:
-        with session.begin():
+        with begin_write(session):
             message = wallet_messages.create_message(
                 session, get_catalog(session), topic=body["topic"], header=body["header"],
                 body=body["body"], localized=body.get("localized") or {},

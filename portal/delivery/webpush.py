@@ -20,7 +20,7 @@ request needs none of what ``requests`` adds (cookies, redirects, auth, proxies 
 environment), the pool is used directly.
 
 Endpoints come from browsers, that is from anyone, so every send applies the destination rule
-(:mod:`portal.outbound`): the endpoint's name is resolved, every address checked, and the
+(:mod:`portal.core.outbound`): the endpoint's name is resolved, every address checked, and the
 request goes to the checked address through a pool keyed by that address and the name, with
 ``server_hostname``/``assert_hostname`` set to the name so that TLS still sends and verifies
 it, and a ``Host`` header naming it. A name that turns private between subscription and
@@ -55,6 +55,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from portal.core.outbound import Pinned, RefusedDestination, Resolver, check_url, pin
 from portal.delivery.vapid import (  # noqa: F401  (re-exported)
     VapidKeyError,
     VapidKeys,
@@ -67,7 +68,6 @@ from portal.delivery.vapid import (  # noqa: F401  (re-exported)
     load_vapid_private_key,
     save_vapid_private_key,
 )
-from portal.outbound import Pinned, RefusedDestination, Resolver, check_url, pin
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",

@@ -1,5 +1,6 @@
 """All models, imported so that ``Base.metadata`` knows every table."""
 
+from portal.core.ratelimit_counters import RateLimitCounter
 from portal.models import decision_facts  # noqa: F401  (the triggers that keep copies)
 from portal.models.api import ApiKey, Webhook, WebhookDelivery
 from portal.models.catalog import Topic, TopicWording
@@ -23,7 +24,6 @@ from portal.models.loyalty import (
     TermsAcceptance,
 )
 from portal.models.push import PushDelivery, PushMessage, PushSubscription, PushTopicChoice
-from portal.models.ratelimit import RateLimitCounter
 from portal.models.wallet import (
     AppleDeviceRegistration,
     ApplePass,

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from portal.db import Base, BigID, UTCDateTime, utcnow
+from portal.core.db import Base, BigID, UTCDateTime, utcnow
 
 CHANNELS: tuple[str, ...] = ("email", "sms", "voice", "postal", "app_push", "web_push", "wallet")
 KINDS: tuple[str, ...] = ("marketing", "service")

@@ -8,7 +8,7 @@ from datetime import datetime, time
 from sqlalchemy import DDL, ForeignKey, Index, Integer, String, Text, Time, event, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from portal.db import Base, BigID, UTCDateTime, utcnow
+from portal.core.db import Base, BigID, UTCDateTime, utcnow
 
 STATES = ("granted", "withdrawn", "pending")
 ANY = "*"

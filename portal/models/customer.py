@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
-from portal.db import Base, BigID, UTCDateTime, utcnow
+from portal.core.db import Base, BigID, UTCDateTime, utcnow
 
 
 class Customer(Base):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from sqlalchemy import DDL, event
 
-from portal.db import Base
+from portal.core.db import Base
 
 SOURCES = ("consent_states", "suppressions", "contact_rules")
 

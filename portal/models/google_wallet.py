@@ -14,7 +14,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from portal.db import Base, BigID, UTCDateTime, utcnow
+from portal.core.db import Base, BigID, UTCDateTime, utcnow
 
 
 class GoogleWalletObject(Base):

@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from portal.db import Base, BigID, UTCDateTime, utcnow
+from portal.core.db import Base, BigID, UTCDateTime, utcnow
 
 ENTRY_KINDS: tuple[str, ...] = ("earn", "redeem", "adjust", "expire", "reversal")
 

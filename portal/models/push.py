@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from portal.db import Base, BigID, UTCDateTime, utcnow
+from portal.core.db import Base, BigID, UTCDateTime, utcnow
 
 DELIVERY_STATUSES = ("queued", "sent", "failed", "expired", "skipped")
 

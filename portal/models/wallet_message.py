@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from portal.db import Base, BigID, UTCDateTime, utcnow
+from portal.core.db import Base, BigID, UTCDateTime, utcnow
 
 PLATFORMS: tuple[str, ...] = ("google", "apple")
 STATUSES: tuple[str, ...] = ("queued", "sent", "failed", "skipped", "denied")

@@ -15,7 +15,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.models.customer import Customer, UsedLink
 from portal.services import changes, sign_ins
 from portal.services.lookalikes import is_lookalike, skeleton

@@ -19,8 +19,8 @@ from typing import Any
 from sqlalchemy import Select, String, and_, bindparam, cast, or_, select, update
 from sqlalchemy.orm import Session
 
-from portal.db import utcnow
-from portal.fast_rows import fetch_rows
+from portal.core.db import utcnow
+from portal.core.fast_rows import fetch_rows
 from portal.models.api import ApiKey
 from portal.services.decisions import Guard
 

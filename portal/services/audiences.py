@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
 
-from portal.fast_rows import copy_out, stream_rows
+from portal.core.fast_rows import copy_out, stream_rows
 from portal.models.consent import ANY, ConsentState, ContactRule, Dispatch, Suppression
 from portal.models.customer import Customer
 from portal.services.catalog import Catalog, TopicInfo

@@ -11,7 +11,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.models.catalog import CHANNELS
 from portal.models.consent import ANY, STATES, ConsentEvent, ConsentProof, ConsentState
 from portal.models.customer import Customer

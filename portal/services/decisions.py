@@ -38,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
 
-from portal.fast_rows import Reader, dialect_of, fetch_rows, fetch_rows_split, flushed
+from portal.core.fast_rows import Reader, dialect_of, fetch_rows, fetch_rows_split, flushed
 from portal.models.consent import (
     ANY,
     Dispatch,
@@ -616,7 +616,7 @@ def people_with_facts(session: Reader, lookup: str, values: list[Any]
     merged)} for the values of the ``lookup`` column found, and the copies of their facts for
     :func:`decide_many` (:func:`index_facts`): one statement, and a second one only if some of
     the records found were merged into others. A long batch calls it once per part, each
-    part on a helper's connection (:func:`portal.fast_rows.read_ahead`)."""
+    part on a helper's connection (:func:`portal.core.fast_rows.read_ahead`)."""
     flushed(session)
     queries = _people_with_facts(dialect_of(session), lookup)
     rows = fetch_rows(session, queries["found"], {"values": values})

@@ -6,7 +6,7 @@ from datetime import time, timedelta
 
 from sqlalchemy.orm import Session
 
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.models.customer import Customer
 from portal.services import accounts
 from portal.services.catalog import get_catalog

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.models.loyalty import IdempotencyRecord
 
 

@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import Select, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from portal.db import utcnow
-from portal.fast_rows import (
+from portal.core.db import utcnow
+from portal.core.fast_rows import (
     Reader,
     dialect_of,
     fetch_rows,

@@ -36,7 +36,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.models.customer import Customer
 from portal.models.loyalty import LedgerEntry, Lot, LotAllocation, Member, TermsAcceptance
 from portal.services import changes

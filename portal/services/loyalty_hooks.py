@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from portal.db import utcnow
-from portal.fast_rows import Reader
+from portal.core.db import utcnow
+from portal.core.fast_rows import Reader
 from portal.models.customer import Customer
 from portal.models.loyalty import LedgerEntry, Member, TermsAcceptance
 from portal.services import demo, identity

@@ -21,7 +21,7 @@ from typing import Any, cast
 from sqlalchemy import Table, and_, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
-from portal.db import UTCDateTime, utcnow
+from portal.core.db import UTCDateTime, utcnow
 from portal.models.change import Change
 from portal.models.customer import Customer
 from portal.models.loyalty import LedgerEntry, Lot, LotAllocation, Member

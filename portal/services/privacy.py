@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.models.consent import ANY, ConsentEvent, ConsentProof, ContactRule, Suppression
 from portal.models.customer import Customer, ExternalId, SignInSession
 from portal.services import changes, sign_ins

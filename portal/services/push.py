@@ -21,12 +21,12 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from portal.db import utcnow
+from portal.core.db import utcnow
+from portal.core.outbound import RefusedDestination, check_url
 from portal.delivery.webpush import InvalidSubscription, parse_subscription
 from portal.models.consent import ConsentEvent, ConsentProof, ConsentState
 from portal.models.customer import Customer
 from portal.models.push import PushSubscription, PushTopicChoice
-from portal.outbound import RefusedDestination, check_url
 from portal.services.catalog import Catalog, TopicInfo
 from portal.services.consent import Proof, proof_digest, record_consent
 from portal.services.decisions import Evidence, Facts
@@ -74,7 +74,7 @@ def check_subscription(raw: object, *, allow_http: bool,
     """``PushSubscription.toJSON()`` as posted by the browser, checked before it is stored.
 
     The endpoint is a URL the worker will POST to, so it also passes the destination rule
-    (:func:`portal.outbound.check_url`): no loopback, private, link-local or reserved address
+    (:func:`portal.core.outbound.check_url`): no loopback, private, link-local or reserved address
     in any notation, no local name, no userinfo, no privileged port. ``allow_private``
     (``WEBHOOK_ALLOW_PRIVATE_NETWORKS``) lifts the address and name rules for a push service
     on one's own machine, as in the test suite."""

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.delivery.webpush import MAX_PAYLOAD_BYTES, PushOutcome
 from portal.models.consent import Dispatch
 from portal.models.customer import Customer

@@ -31,7 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from passes.apple import DEFAULT_STRINGS, News, PassCredentials, StoreCard, build_store_card
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.models.customer import Customer
 from portal.models.google_wallet import WalletFeedCursor
 from portal.models.loyalty import Member

@@ -28,7 +28,7 @@ from typing import Any, Final
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.delivery.apns import PushOutcome, PushResult
 from portal.models.google_wallet import WalletFeedCursor
 from portal.models.loyalty import Member

@@ -33,7 +33,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from passes import google as gpass
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.delivery.google_wallet import (
     GoogleWalletClient,
     GoogleWalletError,

@@ -5,7 +5,7 @@ lies after it, one change at a time, moving the cursor only when the receiver an
 crash between the send and the cursor update means the change is sent again (at least once,
 receivers dedupe on the event ``id``); it never means a change is lost or overtaken.
 
-Every URL goes through the destination rule (:mod:`portal.outbound`) twice: :func:`create`
+Every URL goes through the destination rule (:mod:`portal.core.outbound`) twice: :func:`create`
 refuses private, reserved and malformed URLs and stores the normalised form, and each send
 resolves the name again and connects to the address it checked. A refused destination, like
 any other failure (and any exception at all), is a failed attempt of that endpoint alone:
@@ -32,8 +32,8 @@ import httpx
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from portal import outbound
-from portal.db import begin_write, utcnow
+from portal.core import outbound
+from portal.core.db import begin_write, utcnow
 from portal.models.api import Webhook, WebhookDelivery
 from portal.models.change import Change
 from portal.services import feed
@@ -103,7 +103,7 @@ def create(session: Session, url: str, event_types: list[str],
            description: str | None = None, *, allow_private: bool = False) -> Webhook:
     """A new endpoint starts at the head of the feed: it receives what happens from now on.
 
-    Raises :class:`portal.outbound.RefusedDestination` for a URL the destination rule
+    Raises :class:`portal.core.outbound.RefusedDestination` for a URL the destination rule
     refuses; stores the URL normalised (IDNA host, no fragment)."""
     destination = outbound.check_url(url, allow_private=allow_private)
     start = feed.head(session)

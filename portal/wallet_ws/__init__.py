@@ -9,7 +9,7 @@ from portal import worker
 
 
 def init_app(app: Flask) -> None:
-    from portal.security import csrf
+    from portal.core.security import csrf
     from portal.wallet_ws import apple, jobs
     from portal.wallet_ws.issuer import EXTENSION, AppleWallet
     from portal.web import wallet_apple

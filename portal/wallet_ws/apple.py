@@ -15,9 +15,9 @@ from typing import Any, Final
 
 from flask import Blueprint, Response, abort, jsonify, request
 
-from portal import ratelimit
-from portal.db import get_session
-from portal.errors import problem
+from portal.core import ratelimit
+from portal.core.db import get_session
+from portal.core.errors import problem
 from portal.models.loyalty import Member
 from portal.models.wallet import ApplePass
 from portal.services import wallet_apple

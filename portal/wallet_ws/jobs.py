@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Flask
 
-from portal.db import new_session
+from portal.core.db import new_session
 from portal.services import wallet_apple_sync as sync
 from portal.wallet_ws.issuer import apple_wallet
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask
 from sqlalchemy.orm import Session, SessionTransaction
 
-from portal.db import begin_write
+from portal.core.db import begin_write
 
 
 def transaction(db: Session) -> SessionTransaction:
@@ -45,7 +45,9 @@ def register(app: Flask) -> None:
         unsubscribe,
         verification,
     )
+    from portal.web.describe import channel_label
 
+    app.jinja_env.globals["channel_label"] = channel_label
     app.before_request(load_customer)
     for module in (main, account, sign_ins, preferences, unsubscribe, privacy, loyalty, push,
                    verification):

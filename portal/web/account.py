@@ -19,7 +19,6 @@ from flask_babel import gettext as _
 from flask_wtf import FlaskForm
 from werkzeug.wrappers import Response
 
-from portal import mailer, ratelimit
 from portal.auth import (
     FRESH_LINK_SECONDS,
     current_customer,
@@ -29,12 +28,13 @@ from portal.auth import (
     sign_in,
     sign_out,
 )
-from portal.db import get_session, utcnow
-from portal.i18n import LOCALES
+from portal.core import mailer, ratelimit
+from portal.core.db import get_session, utcnow
+from portal.core.i18n import LOCALES
+from portal.core.tokens import PURPOSES, TokenError, fingerprint, new_link_id
 from portal.models.customer import Customer
 from portal.services import accounts, sign_ins
 from portal.services.accounts import AccountError
-from portal.services.tokens import PURPOSES, TokenError, fingerprint, new_link_id
 from portal.web import links, local_path, transaction
 from portal.web.errors_text import account_error
 from portal.web.forms import (

@@ -6,8 +6,8 @@ from typing import Any
 
 from flask import current_app, url_for
 
+from portal.core import tokens
 from portal.models.customer import Customer
-from portal.services import tokens
 
 
 def token(purpose: str, payload: dict[str, Any]) -> str:

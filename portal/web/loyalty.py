@@ -28,7 +28,7 @@ from wtforms import BooleanField, HiddenField
 from wtforms.validators import DataRequired
 
 from portal.auth import current_customer, login_required
-from portal.db import get_session, utcnow
+from portal.core.db import get_session, utcnow
 from portal.models.customer import Customer
 from portal.models.loyalty import LedgerEntry, Member
 from portal.services import loyalty as ledger

@@ -6,8 +6,8 @@ from flask import Blueprint, redirect, render_template, request, session, url_fo
 from werkzeug.wrappers import Response
 
 from portal.auth import current_customer
-from portal.db import get_session
-from portal.i18n import LOCALES
+from portal.core.db import get_session
+from portal.core.i18n import LOCALES
 from portal.web import local_path, transaction
 from portal.web.forms import PlainForm
 

@@ -11,9 +11,10 @@ from flask_babel import get_locale
 from flask_babel import gettext as _
 from werkzeug.wrappers import Response
 
-from portal import mailer
 from portal.auth import current_customer, login_required
-from portal.db import get_session, utcnow
+from portal.core import mailer
+from portal.core.db import get_session, utcnow
+from portal.core.tokens import TokenError
 from portal.models.consent import ANY
 from portal.models.customer import Customer
 from portal.services import catalog as catalog_service
@@ -22,7 +23,6 @@ from portal.services.accounts import AccountError, find_by_public_id
 from portal.services.catalog import Catalog
 from portal.services.consent import Proof, current_states, history
 from portal.services.decisions import consent_matrix
-from portal.services.tokens import TokenError
 from portal.web import links, transaction
 from portal.web.describe import describe
 from portal.web.errors_text import account_error

@@ -17,7 +17,7 @@ from flask import (
 from flask_babel import gettext as _
 
 from portal.auth import current_customer, login_required, sign_out
-from portal.db import get_session
+from portal.core.db import get_session
 from portal.services import catalog as catalog_service
 from portal.services.consent import Proof
 from portal.services.privacy import erase_customer, export_data, hooks_of

@@ -14,7 +14,7 @@ this browser, by its device cookie). Knowing an endpoint is not enough. A renewa
 refuses (say, a customer's session ended) is repaired by the panel's re-sync on the next visit
 to the preferences or ``/push`` page, which posts the new subscription with the page's token.
 
-Endpoints pass the destination rule (:mod:`portal.outbound`) when stored and again when the
+Endpoints pass the destination rule (:mod:`portal.core.outbound`) when stored and again when the
 worker sends: a push endpoint on a private or reserved network is refused.
 """
 
@@ -40,12 +40,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.wrappers import Response
 from wtforms.validators import ValidationError
 
-from portal import push_worker, ratelimit
+from portal import push_worker
 from portal.auth import ON_SIGN_IN, current_customer
-from portal.db import get_session, utcnow
-from portal.errors import problem
+from portal.core import ratelimit
+from portal.core.db import get_session, utcnow
+from portal.core.errors import problem
+from portal.core.security import csrf
 from portal.models.customer import Customer
-from portal.security import csrf
 from portal.services import push as push_service
 from portal.services import push_messages
 from portal.services.catalog import get_catalog

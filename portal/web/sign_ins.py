@@ -10,11 +10,11 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 from werkzeug.wrappers import Response
 
-from portal import mailer, ratelimit
 from portal.auth import current_customer, current_sign_in, login_required, sign_in, sign_out
-from portal.db import get_session, utcnow
+from portal.core import mailer, ratelimit
+from portal.core.db import get_session, utcnow
+from portal.core.tokens import PURPOSES, TokenError, new_link_id
 from portal.services import accounts, sign_ins
-from portal.services.tokens import PURPOSES, TokenError, new_link_id
 from portal.web import links, transaction
 from portal.web.account import bad_link
 from portal.web.devices import device_name

@@ -8,13 +8,13 @@ from flask import Blueprint, render_template, request
 from flask_babel import gettext as _
 from werkzeug.wrappers import Response
 
-from portal.db import get_session
+from portal.core.db import get_session
+from portal.core.security import csrf
+from portal.core.tokens import TokenError
 from portal.models.consent import ANY
-from portal.security import csrf
 from portal.services import catalog as catalog_service
 from portal.services.accounts import find_by_public_id
 from portal.services.consent import ConsentError, Proof, record_consent
-from portal.services.tokens import TokenError
 from portal.web import links, transaction
 from portal.web.forms import PlainForm
 

@@ -13,8 +13,8 @@ from flask import Blueprint, flash, redirect, request, url_for
 from flask_babel import gettext as _
 from werkzeug.wrappers import Response
 
-from portal import mailer, ratelimit
 from portal.auth import current_customer, login_required
+from portal.core import mailer, ratelimit
 from portal.models.customer import Customer
 from portal.web import links, local_path
 from portal.web.forms import PlainForm

@@ -9,7 +9,7 @@ from flask_babel import gettext as _
 from werkzeug.wrappers import Response as BaseResponse
 
 from portal.auth import current_customer, login_required
-from portal.db import get_session
+from portal.core.db import get_session
 from portal.services import loyalty as ledger
 from portal.services import wallet_apple
 from portal.wallet_ws.issuer import apple_wallet

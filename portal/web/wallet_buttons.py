@@ -7,7 +7,7 @@ import logging
 from flask import current_app
 
 from passes.google import GoogleWalletValidationError
-from portal.db import get_session
+from portal.core.db import get_session
 from portal.models.loyalty import Member
 from portal.services import wallet_google
 from portal.services.loyalty_program import LoyaltyProgram

@@ -31,7 +31,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, Route, sync_playw
 from werkzeug.serving import make_server
 
 from portal import create_app
-from portal.db import get_engine
+from portal.core.db import get_engine
 from tests.conftest import Outbox, app_config, prepare_schema
 from tests.support.databases import KINDS, fresh_database
 

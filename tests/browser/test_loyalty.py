@@ -9,7 +9,7 @@ from playwright.sync_api import Page, expect
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from portal.db import get_engine
+from portal.core.db import get_engine
 from portal.models.customer import Customer
 from portal.services import loyalty as ledger
 from tests.browser.conftest import LiveServer

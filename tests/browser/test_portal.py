@@ -7,7 +7,7 @@ from playwright.sync_api import Page, expect
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from portal.db import get_engine
+from portal.core.db import get_engine
 from portal.models.consent import ConsentEvent, ConsentState
 from portal.models.customer import Customer
 from portal.services.accounts import create_customer

@@ -11,7 +11,7 @@ from playwright.sync_api import Page, expect
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from portal.db import get_engine
+from portal.core.db import get_engine
 from portal.delivery.webpush import generate_vapid_keys
 from portal.models.consent import ConsentState
 from portal.models.push import PushSubscription

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from passes.google import object_id_for
 from passes.google_dev import create_dev_service_account
-from portal.db import get_engine
+from portal.core.db import get_engine
 from portal.models.customer import Customer
 from portal.models.google_wallet import GoogleWalletObject
 from portal.services import loyalty as ledger

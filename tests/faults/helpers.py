@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session
 from werkzeug.serving import make_server
 
 from portal import create_app
-from portal.config import ROOT
-from portal.db import get_engine, make_engine, new_session
+from portal.core.config import ROOT
+from portal.core.db import get_engine, make_engine, new_session
 from portal.models.customer import Customer
 from portal.services.accounts import create_customer
 from tests.conftest import app_config, prepare_schema

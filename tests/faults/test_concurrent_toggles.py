@@ -17,7 +17,7 @@ import pytest
 import requests
 from sqlalchemy import text
 
-from portal.db import make_engine
+from portal.core.db import make_engine
 from tests.faults.helpers import (
     LiveServer,
     add_customer,

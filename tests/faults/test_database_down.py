@@ -19,7 +19,7 @@ import requests
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 
-from portal.db import get_engine, make_engine
+from portal.core.db import get_engine, make_engine
 from tests.faults.helpers import (
     LiveServer,
     TcpProxy,

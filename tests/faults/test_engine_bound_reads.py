@@ -22,8 +22,8 @@ import pytest
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import DataError, OperationalError
 
-from portal import fast_rows
-from portal.db import get_engine, make_engine, new_session, utcnow
+from portal.core import fast_rows
+from portal.core.db import get_engine, make_engine, new_session, utcnow
 from portal.models.consent import ContactRule, Dispatch
 from portal.models.customer import Customer
 from portal.services import identity

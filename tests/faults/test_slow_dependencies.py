@@ -15,7 +15,7 @@ import requests
 from sqlalchemy import select
 
 from portal import push_worker, worker
-from portal.db import new_session, utcnow
+from portal.core.db import new_session, utcnow
 from portal.delivery.webpush import generate_vapid_keys
 from portal.models.api import Webhook, WebhookDelivery
 from portal.models.push import PushDelivery

@@ -14,7 +14,7 @@ import json
 import pytest
 from sqlalchemy import select, text
 
-from portal.db import get_engine, new_session
+from portal.core.db import get_engine, new_session
 from portal.delivery.webpush import generate_vapid_keys
 from portal.models.push import PushDelivery
 from portal.services import push

@@ -11,7 +11,7 @@ from datetime import timedelta
 from sqlalchemy import func, select, update
 
 from portal import create_app
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.models.change import Change
 from portal.models.customer import Customer, SignInSession
 from portal.services import accounts

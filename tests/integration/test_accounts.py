@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import argon2
+from argon2.profiles import RFC_9106_LOW_MEMORY
 from passlib.hash import bcrypt
 from sqlalchemy import func, select
 
@@ -387,9 +389,29 @@ def test_passwords_are_hashed_with_argon2(client, session):
     assert PASSWORD not in customer.password_hash
 
 
+def test_production_hashes_passwords_at_full_cost(production_password_cost):
+    """The suite hashes at argon2's lowest cost (tests/conftest.py); production does not:
+    argon2id with at least RFC 9106's low-memory parameters (64 MiB, 3 passes), and a hash
+    made at a lower cost is made again at the next sign-in."""
+    found = argon2.extract_parameters(accounts.passwords.hash(PASSWORD))
+    assert found.type is argon2.Type.ID
+    assert found.memory_cost >= RFC_9106_LOW_MEMORY.memory_cost  # KiB
+    assert found.time_cost >= RFC_9106_LOW_MEMORY.time_cost
+    weak = accounts.passwords.handler("argon2").using(
+        rounds=1, memory_cost=8, parallelism=1).hash(PASSWORD)
+    ok, again = accounts.passwords.verify_and_update(PASSWORD, weak)
+    assert ok and again is not None
+    assert argon2.extract_parameters(again) == found
+
+
+def test_the_suite_hashes_passwords_cheaply(session):
+    customer = make_customer(session)
+    assert argon2.extract_parameters(customer.password_hash).memory_cost == 8
+
+
 def test_old_bcrypt_hash_is_upgraded_on_login(client, session):
     customer = make_customer(session)
-    customer.password_hash = bcrypt.hash(PASSWORD)
+    customer.password_hash = bcrypt.using(rounds=4).hash(PASSWORD)
     session.commit()
     assert stored(session, customer).password_hash.startswith("$2b$")
     assert log_in(client).status_code == 302

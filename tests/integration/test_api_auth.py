@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from portal.api import operations
-from portal.db import new_session
+from portal.core.db import new_session
 from portal.models.api import ApiKey
 from tests.support.api_client import Api, field_errors, make_key
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from portal.db import new_session
+from portal.core.db import new_session
 from portal.models.change import Change
 from portal.models.consent import ConsentEvent, Suppression
 from tests.support.api_client import Api, field_errors

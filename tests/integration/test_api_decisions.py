@@ -7,7 +7,7 @@ from datetime import UTC, datetime, time, timedelta
 import pytest
 from sqlalchemy import event
 
-from portal.db import get_engine
+from portal.core.db import get_engine
 from portal.models.consent import ContactRule, Dispatch, Suppression
 from portal.services.decisions import REASONS
 from tests.support.api_client import Api, field_errors
@@ -82,7 +82,7 @@ def test_every_reason_code_through_the_api(api):
 
 
 def _erase(api, customer):
-    from portal.db import new_session, utcnow
+    from portal.core.db import new_session, utcnow
     from portal.models.customer import Customer
 
     session = new_session(api.app)
@@ -216,7 +216,7 @@ def test_batch_answers_in_order_with_a_constant_number_of_queries(api):
 
 
 def _internal(api, public_id):
-    from portal.db import new_session
+    from portal.core.db import new_session
     from portal.services.identity import by_public_id
 
     session = new_session(api.app)
@@ -249,7 +249,7 @@ def test_dispatches_are_stored(api):
     r = api.post("/dispatches", {"customer": {"id": c.public_id}, "topic": "offers",
                                  "channel": "sms", "sender": "sms-gw", "message_id": None})
     assert r.status_code == 201
-    from portal.db import new_session
+    from portal.core.db import new_session
 
     session = new_session(api.app)
     assert session.get(Dispatch, r.get_json()["id"]).sender == "sms-gw"

@@ -13,7 +13,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from portal import create_app, worker
-from portal.db import make_engine, utcnow
+from portal.core.db import make_engine, utcnow
 from portal.models.loyalty import IdempotencyRecord, LedgerEntry, Member
 from portal.services import loyalty as ledger
 from portal.services.loyalty_program import load_program, luhn_check_digit

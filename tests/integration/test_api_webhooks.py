@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 
 from portal import create_app, worker
-from portal.db import new_session, utcnow
+from portal.core.db import new_session, utcnow
 from portal.models.api import Webhook
 from portal.services import feed
 from portal.services.webhooks import OUTCOMES, Policy, sign, verify

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 import portal.models  # noqa: F401
 from portal.cli import alembic_config
-from portal.db import Base, UTCDateTime, make_engine
+from portal.core.db import Base, UTCDateTime, make_engine
 from portal.models.catalog import CHANNELS
 from portal.models.consent import ANY, ConsentEvent, ConsentState, ContactRule, Suppression
 from portal.models.customer import Customer

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.models.customer import Customer
 from portal.services import loyalty as ledger
 from portal.services.loyalty_program import load_program

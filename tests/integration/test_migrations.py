@@ -11,7 +11,7 @@ from sqlalchemy import inspect, text
 
 import portal.models  # noqa: F401
 from portal.cli import alembic_config
-from portal.db import Base, make_engine
+from portal.core.db import Base, make_engine
 from tests.support.databases import KINDS, fresh_database
 
 

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from portal import create_app
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.models.consent import ConsentEvent, ConsentProof, ContactRule
 from portal.models.customer import Customer
 from portal.services import accounts

@@ -7,7 +7,7 @@ import json
 import pytest
 from sqlalchemy import func, select
 
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.models.consent import ConsentEvent, ConsentProof
 from portal.models.customer import Customer
 from portal.services import accounts

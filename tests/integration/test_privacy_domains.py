@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from portal import create_app, push_worker
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.models.consent import ConsentEvent, ConsentProof, Suppression
 from portal.models.customer import Customer, ExternalId, SignInSession
 from portal.models.google_wallet import GoogleWalletObject

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from portal import create_app
-from portal.db import new_session, utcnow
+from portal.core.db import new_session, utcnow
 from portal.delivery.webpush import generate_vapid_keys
 from portal.models.push import PushDelivery, PushMessage
 from portal.services import push

@@ -14,14 +14,12 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from passlib.context import CryptContext
 from sqlalchemy import Engine, delete, select
 
 from portal import create_app
-from portal.db import make_engine
-from portal.models.ratelimit import RateLimitCounter
-from portal.ratelimit import DatabaseBackend, MemoryBackend, RedisBackend
-from portal.services import accounts
+from portal.core.db import make_engine
+from portal.core.ratelimit import DatabaseBackend, MemoryBackend, RedisBackend
+from portal.core.ratelimit_counters import RateLimitCounter
 from tests.conftest import app_config, csrf_from
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -141,19 +139,10 @@ def test_database_counters_that_can_no_longer_count_are_pruned(engine, counters,
     assert counters() == [f"{prefix}fresh"]
 
 
-def cheap_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests are about counting; hashing at full cost adds nothing."""
-    cheap = CryptContext(schemes=["argon2"], argon2__memory_cost=1024, argon2__rounds=1,
-                         argon2__parallelism=1)
-    monkeypatch.setattr(accounts, "passwords", cheap)
-    monkeypatch.setattr(accounts, "_DUMMY_HASH", cheap.hash("dummy password"))
-
-
 @pytest.fixture
-def production_app(url_of: str, tmp_path: Path, prefix: str, monkeypatch: pytest.MonkeyPatch
+def production_app(url_of: str, tmp_path: Path, prefix: str
                    ) -> Iterator[Callable[..., Flask]]:
     """Apps configured as on a server (each its own engine, as each process has)."""
-    cheap_passwords(monkeypatch)
     made: list[Flask] = []
 
     def make(name: str, **overrides: Any) -> Flask:
@@ -232,11 +221,9 @@ def test_development_counts_in_memory_unless_told_otherwise(tmp_path, connection
                               RATE_LIMIT_STORAGE="redis"))   # no REDIS_URL
 
 
-def test_the_database_store_inside_a_request_transaction(connection, tmp_path, session,
-                                                         monkeypatch):
+def test_the_database_store_inside_a_request_transaction(connection, tmp_path, session):
     """Bound to one connection (as the test suite binds apps), the counters are written in
     savepoints of it, and the request's own transaction is left alone."""
-    cheap_passwords(monkeypatch)
     app = create_app(app_config(tmp_path, CARNET_DB_BIND=connection,
                                 RATE_LIMIT_STORAGE="database", LOGIN_RATE_LIMIT="2/300"))
     assert [log_in(app, "lea@example.com") for _ in range(3)] == [401, 401, 429]

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from passes.google import build_loyalty_class
 from portal import worker
-from portal.db import new_session, utcnow
+from portal.core.db import new_session, utcnow
 from portal.models.google_wallet import GoogleNotification, GoogleWalletObject
 from portal.models.loyalty import Member
 from portal.services import wallet_google

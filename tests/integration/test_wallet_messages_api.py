@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from passes.google import build_loyalty_class
 from portal import worker
-from portal.db import new_session, utcnow
+from portal.core.db import new_session, utcnow
 from portal.models.consent import Dispatch
 from portal.models.customer import Customer
 from portal.models.google_wallet import GoogleNotification, GoogleWalletObject

@@ -20,10 +20,11 @@ from sqlalchemy.orm import Session
 
 from passes.google_dev import create_dev_service_account
 from portal import create_app
+from portal.core import tokens
 from portal.delivery.webpush import generate_vapid_keys
 from portal.models.customer import Customer
 from portal.models.loyalty import Member
-from portal.services import accounts, tokens
+from portal.services import accounts
 from portal.services import loyalty as ledger
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof, record_consent
@@ -45,8 +46,6 @@ settings.register_profile(
 )
 
 PASSWORD = "correct horse 1"
-# One argon2 hash made once: hashing costs ~0.4 s here, and most tests sign in by link.
-PASSWORD_HASH = accounts.passwords.hash(PASSWORD)
 PROGRAM = load_program(CATALOG)
 assert PROGRAM is not None
 VAPID = generate_vapid_keys()
@@ -102,7 +101,7 @@ def make_person(session: Session, email: str, *, postal_address: str | None = No
     membership with points; committed so the app's requests see it."""
     customer = accounts.create_customer(session, email, postal_address=postal_address,
                                         phone=phone, locale="en")
-    customer.password_hash = PASSWORD_HASH
+    customer.password_hash = accounts.passwords.hash(PASSWORD)
     accounts.mark_email_verified(session, customer, email)
     catalog = get_catalog(session)
     record_consent(session, customer, "newsletter", "email", "granted",

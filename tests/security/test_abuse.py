@@ -15,12 +15,10 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from passlib.context import CryptContext
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from portal import create_app
-from portal.services import accounts
 from portal.wallet_ws.issuer import apple_wallet
 from tests.conftest import Outbox, csrf_from
 from tests.security.conftest import full_config, make_person, row_counts
@@ -76,18 +74,9 @@ def backend(request: pytest.FixtureRequest) -> Iterator[tuple[str | None, Run]]:
     client.close()
 
 
-def cheap_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rate-limit tests are about counting; hashing at full cost adds nothing."""
-    cheap = CryptContext(schemes=["argon2"], argon2__memory_cost=1024, argon2__rounds=1,
-                         argon2__parallelism=1)
-    monkeypatch.setattr(accounts, "passwords", cheap)
-    monkeypatch.setattr(accounts, "_DUMMY_HASH", cheap.hash("dummy password"))
-
-
 @pytest.fixture
-def limited(connection: Connection, tmp_path: Path, apple_paths, google_key, backend,
-            monkeypatch) -> Iterator[tuple[Flask, Run]]:
-    cheap_passwords(monkeypatch)
+def limited(connection: Connection, tmp_path: Path, apple_paths, google_key, backend
+            ) -> Iterator[tuple[Flask, Run]]:
     url, run = backend
     app = create_app(full_config(tmp_path, connection, apple_paths, google_key,
                                  REDIS_URL=url, RATE_LIMIT_KEY_PREFIX=run.prefix, **LIMITS))
@@ -118,8 +107,6 @@ def assert_throttled(response: Any, window: int) -> None:
 def test_log_in_is_limited_per_address_and_ip(limited, session):
     app, run = limited
     person = make_person(session, run.email("lea"), member=False)
-    person.customer.password_hash = accounts.passwords.hash("correct horse 1")
-    session.commit()
     client = client_from(app, run)
     for _ in range(3):
         assert post(client, "/login", {"email": person.email,
@@ -141,8 +128,6 @@ def test_log_in_is_limited_per_address_from_any_ip(limited, session):
     5 here, whatever the (address, IP) limit allows each of them."""
     app, run = limited
     person = make_person(session, run.email("ines"), member=False)
-    person.customer.password_hash = accounts.passwords.hash("correct horse 1")
-    session.commit()
     for n in range(5):
         client = client_from(app, run, f"{run.ip}{n}")
         assert post(client, "/login", {"email": person.email,
@@ -261,18 +246,17 @@ def timing_app(connection: Connection, tmp_path: Path, apple_paths,
     apple_wallet(app).close()
 
 
-def test_log_in_takes_as_long_for_an_unknown_address(timing_app, session: Session):
+def test_log_in_takes_as_long_for_an_unknown_address(production_password_cost, timing_app,
+                                                     session: Session):
     """A statistical check, not an exact one. An attacker who could tell "no such account"
     from "wrong password" by the answer time could list our customers. Both paths must do
     the same expensive work: one argon2 verification (against a dummy hash when the address
     is unknown), which dwarfs everything else. We time 20 interleaved attempts of each kind
-    at the real hashing cost and compare medians (robust to the odd slow request on a busy
-    machine). Without the dummy verification the unknown path would be ~50-100x faster; the
-    accepted band, 0.5x to 2x, is generous enough never to flake on noise and still fails on
-    any real difference."""
+    at the real hashing cost (the rest of the suite hashes cheaply) and compare medians
+    (robust to the odd slow request on a busy machine). Without the dummy verification the
+    unknown path would be ~50-100x faster; the accepted band, 0.5x to 2x, is generous enough
+    never to flake on noise and still fails on any real difference."""
     person = make_person(session, "timing@example.com", member=False)
-    person.customer.password_hash = accounts.passwords.hash("correct horse 1")
-    session.commit()
     hit, miss = compare(timing_app.test_client(), "/login",
                         {"email": person.email, "password": "wrong password 1"},
                         {"email": "nobody.here@example.com", "password": "wrong password 1"})

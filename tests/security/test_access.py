@@ -23,11 +23,12 @@ from sqlalchemy.orm import Session
 
 from portal.api import operations
 from portal.api.core import Operation
+from portal.core import tokens
+from portal.core.tokens import PURPOSES, fingerprint
 from portal.models.consent import ConsentEvent, ConsentState
 from portal.models.customer import Customer
 from portal.models.push import PushSubscription
-from portal.services import api_keys, tokens
-from portal.services.tokens import PURPOSES, fingerprint
+from portal.services import api_keys
 from portal.web.links import CONFIGURED_AGES
 from tests.conftest import csrf_from
 from tests.security.conftest import (

@@ -19,14 +19,13 @@ from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from passlib.context import CryptContext
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MultiDict
 
-from portal.services import accounts, tokens
+from portal.core import tokens
+from portal.core.tokens import fingerprint
 from portal.services.catalog import load_catalog_file, sync_catalog
-from portal.services.consent import Proof, record_consent
-from portal.services.tokens import fingerprint
+from portal.services.consent import Proof, current_states, record_consent
 from tests.conftest import CATALOG, Outbox, path_of
 from tests.security.conftest import (
     PASSWORD,
@@ -62,15 +61,6 @@ HOSTILE: st.SearchStrategy[str] = st.one_of(
 VALUES = st.one_of(HOSTILE, st.lists(HOSTILE, min_size=2, max_size=3))  # lists: duplicates
 
 
-def cheap_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Argon2 at its real cost takes ~0.4 s here; fuzzing is about input handling, so the
-    examples hash cheaply (the timing tests in test_abuse.py keep the real cost)."""
-    cheap = CryptContext(schemes=["argon2"], argon2__memory_cost=1024, argon2__rounds=1,
-                         argon2__parallelism=1)
-    monkeypatch.setattr(accounts, "passwords", cheap)
-    monkeypatch.setattr(accounts, "_DUMMY_HASH", cheap.hash("dummy password"))
-
-
 def form_data(fields: dict[str, Any], csrf: str) -> MultiDict[str, str]:
     data: MultiDict[str, str] = MultiDict([("csrf_token", csrf)])
     for name, value in fields.items():
@@ -98,20 +88,14 @@ def post_form(client: FlaskClient, session: Session, url: str, fields: dict[str,
 
 
 @pytest.fixture
-def person(session: Session, monkeypatch: pytest.MonkeyPatch) -> Person:
-    cheap_passwords(monkeypatch)
+def person(session: Session) -> Person:
     from tests.security.conftest import make_person
 
-    made = make_person(session, "zoe@example.com", postal_address="4 Zoe Alley", points=50)
-    made.customer.password_hash = accounts.passwords.hash("correct horse 1")
-    session.add(made.customer)
-    session.commit()
-    return made
+    return make_person(session, "zoe@example.com", postal_address="4 Zoe Alley", points=50)
 
 
 @pytest.fixture
-def anonymous(app: Flask, monkeypatch: pytest.MonkeyPatch) -> FlaskClient:
-    cheap_passwords(monkeypatch)
+def anonymous(app: Flask) -> FlaskClient:
     app.config.update(LOGIN_RATE_LIMIT="100000/60", LOGIN_ADDRESS_RATE_LIMIT="100000/60",
                       LINK_RATE_LIMIT="100000/60",
                       SIGNUP_RATE_LIMIT="100000/60", PUSH_SUBSCRIBE_RATE_LIMIT="100000/60",
@@ -243,17 +227,25 @@ def test_every_injection_in_every_field(member, session, url):
             post_form(member, session, url, {**SWEEP[url], field: value}, csrf)
 
 
-def test_preferences_ignore_made_up_fields_and_values(member, session):
+def test_preferences_ignore_made_up_fields_and_values(member, person, session):
     """Only "on" for a cell the catalog offers changes anything."""
     csrf = page_token(member, "/preferences")
     before = row_counts(session)
+    states = current_states(session, person.customer)
     response = member.post("/preferences", data={
         "csrf_token": csrf, "c:made_up:email": "on", "c:newsletter:pigeon": "on",
         "c:newsletter:email": "yes please", "off:pigeon": "on", "paused": "true"})
     assert response.status_code == 302
     after = row_counts(session)
+    now = current_states(session, person.customer)
     # Zoe's newsletter email consent (granted) is switched off, as an unticked box says.
-    assert after["consent_events"] >= before["consent_events"]
+    assert (states[("newsletter", "email")], now[("newsletter", "email")]) == (
+        "granted", "withdrawn")
+    # One event per choice that moved (the boxes not sent read as unticked too: the order
+    # updates, on by default), and none for the made-up topic or channel.
+    moved = {cell for cell, state in now.items() if state != states.get(cell)}
+    assert after["consent_events"] - before["consent_events"] == len(moved)
+    assert not {"made_up", "pigeon"} & {part for cell in now for part in cell}
     html = member.get("/preferences").get_data(as_text=True)
     assert "made_up" not in html and "pigeon" not in html
 

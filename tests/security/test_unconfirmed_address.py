@@ -26,7 +26,6 @@ from tests.conftest import Outbox, csrf_from, path_of, submit
 from tests.integration.test_preferences import save
 from tests.security.conftest import (
     PASSWORD,
-    PASSWORD_HASH,
     PROGRAM,
     full_config,
     make_person,
@@ -97,7 +96,7 @@ def test_an_account_on_someone_elses_address_cannot_join_or_subscribe_it(app, se
 
 def test_once_the_address_is_confirmed_joining_and_subscribing_work(app, session):
     customer = accounts.create_customer(session, VICTIM, locale="en")
-    customer.password_hash = PASSWORD_HASH
+    customer.password_hash = accounts.passwords.hash(PASSWORD)
     session.commit()
     client = signed_in_client(app, customer)
     # The first message was lost: the page sends a new one.

@@ -8,7 +8,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
-from portal.db import new_session
+from portal.core.db import new_session
 from portal.models.customer import Customer
 from portal.services import api_keys
 from portal.services.accounts import create_customer

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 from sqlalchemy import text
 
-from portal.db import make_engine
+from portal.core.db import make_engine
 
 PG_URL = os.environ.get("CARNET_TEST_DATABASE_URL", "")
 KINDS = ["sqlite"] + (["postgresql"] if PG_URL else [])

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import DBAPIError
 
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.models.change import Change
 from portal.models.consent import ConsentEvent, ConsentProof, ConsentState
 from portal.models.customer import Customer

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from portal.db import make_engine
+from portal.core.db import make_engine
 from portal.models.change import Change
 from portal.services import changes, feed
 from tests.conftest import prepare_schema

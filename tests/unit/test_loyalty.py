@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from portal.db import make_engine
+from portal.core.db import make_engine
 from portal.models.catalog import TopicWording
 from portal.models.change import Change
 from portal.models.consent import ConsentEvent

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from portal.outbound import RefusedDestination, check_and_pin, check_url, ip_literal, pin
+from portal.core.outbound import RefusedDestination, check_and_pin, check_url, ip_literal, pin
 
 PRIVATE_URLS = [
     "http://127.0.0.1:5432/",

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.delivery.webpush import MAX_PAYLOAD_BYTES, PushOutcome
 from portal.models.consent import ConsentEvent, ConsentState, Dispatch
 from portal.models.push import PushDelivery, PushSubscription

@@ -1,6 +1,6 @@
-"""The README documents every setting Carnet reads, exactly as portal.config describes it."""
+"""The README documents every setting Carnet reads, exactly as portal.core.config describes it."""
 
-from portal.config import ROOT, settings_table
+from portal.core.config import ROOT, settings_table
 
 
 def test_readme_configuration_table_is_current():

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from passes.apple import load_credentials, render_pass_json
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.delivery.apns import PushOutcome, PushResult
 from portal.models.customer import Customer
 from portal.models.loyalty import Member

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from passes.google import GoogleWalletValidationError, object_id_for
 from passes.google_dev import DEFAULT_DEV_CLIENT_EMAIL, create_dev_service_account
-from portal.db import utcnow
+from portal.core.db import utcnow
 from portal.models.customer import Customer
 from portal.models.google_wallet import GoogleNotification, GoogleWalletObject, WalletFeedCursor
 from portal.models.loyalty import Member

@@ -12,7 +12,7 @@ from typing import Any
 from flask import Flask, Response, after_this_request, current_app, render_template
 from flask_babel import force_locale
 
-from portal.services.mail import make_transport
+from portal.core.mail import make_transport
 
 log = logging.getLogger("carnet.mail")
 

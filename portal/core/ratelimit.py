@@ -39,8 +39,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from portal.db import WRITE_OPTION, get_engine
-from portal.models.ratelimit import RateLimitCounter
+from portal.core.db import WRITE_OPTION, get_engine
+from portal.core.ratelimit_counters import RateLimitCounter
 
 log = logging.getLogger("carnet.ratelimit")
 EXTENSION = "carnet.ratelimit"

@@ -115,7 +115,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 # What plain rows are read from: the request's Session, or a Connection of its own (a request
-# that only reads on PostgreSQL: :func:`portal.db.reads`).
+# that only reads on PostgreSQL: :func:`portal.core.db.reads`).
 Reader = Session | Connection
 
 
@@ -155,7 +155,7 @@ def fetch_rows_split(reader: Reader, statement: Executable, params: Mapping[str,
 
     Only when nothing could differ between the two connections: PostgreSQL, a Session bound
     to an Engine (or a Connection of its pool), running outside any transaction
-    (:func:`portal.db.read_outside_transactions`, :func:`portal.db.reads`: read-only
+    (:func:`portal.core.db.read_outside_transactions`, :func:`portal.core.db.reads`: read-only
     operations), where each statement sees the latest commits anyway. Otherwise, and for
     short lists, it is :func:`fetch_rows`."""
     values = params[name]

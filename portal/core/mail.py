@@ -1,5 +1,5 @@
 """Delivering email: SMTP when configured, otherwise (development only, see
-:func:`portal.config.load`) ``.eml`` files in an outbox folder so a local run needs no mail
+:func:`portal.core.config.load`) ``.eml`` files in an outbox folder so a local run needs no mail
 server. Rendering (templates, locale) happens in the web layer.
 
 Nothing here logs an address, a subject or a link: emails carry sign-in and reset links, and

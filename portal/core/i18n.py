@@ -35,10 +35,8 @@ def select_timezone() -> str | None:
 def init_app(app: Flask) -> None:
     from flask_babel import get_locale
 
-    from portal.web.describe import channel_label
-
     app.config.setdefault("BABEL_DEFAULT_TIMEZONE", app.config["DEFAULT_TIMEZONE"])
     Babel(app, locale_selector=select_locale, timezone_selector=select_timezone)
-    app.jinja_env.globals.update(channel_label=channel_label, LOCALES=LOCALES,
+    app.jinja_env.globals.update(LOCALES=LOCALES,
                                  LOCALE_NAMES={"en": "English", "fr": "Français"},
                                  current_locale=lambda: str(get_locale() or "en"))

@@ -211,7 +211,7 @@ def read_outside_transactions(session: Session) -> None:
 
 @contextmanager
 def reads() -> Iterator[Session | Connection]:
-    """What a request that only reads, with plain rows (:mod:`portal.fast_rows`), reads from.
+    """What a request that only reads, with plain rows (:mod:`portal.core.fast_rows`), reads from.
 
     On PostgreSQL, bound to an Engine: a Connection of the pool in autocommit, and no ORM
     Session at all. A single decision is one statement; the Session around it (creating it,

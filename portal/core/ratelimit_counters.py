@@ -8,12 +8,12 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from portal.db import Base, UTCDateTime
+from portal.core.db import Base, UTCDateTime
 
 
 class RateLimitCounter(Base):
     """Attempts counted for one key in one fixed window (``bucket``: its start // its length);
-    the previous window's count weighs in too, so the limit slides (see ``portal.ratelimit``).
+    the previous window's count weighs in too, so the limit slides (see ``portal.core.ratelimit``).
     Rows are deleted once they can no longer count (``expires_at``)."""
 
     __tablename__ = "rate_limit_counters"
