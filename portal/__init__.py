@@ -47,7 +47,8 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     load_loyalty_program(app)
     register_personal_data(app)
     register_web(app)
-    from portal import api, worker
+    from portal import api
+    from portal.outbox import worker
 
     api.init_app(app)
     worker.init_app(app)

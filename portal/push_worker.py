@@ -218,7 +218,7 @@ def deliver(app: Flask, now: datetime | None = None) -> dict[str, int]:
 
 def install(app: App) -> None:
     """Register the worker jobs (once per process; every app shares the registry)."""
-    from portal.worker import JOBS, Job
+    from portal.outbox.worker import JOBS, Job
 
     every = float(app.config["PUSH_POLL_SECONDS"])
     JOBS.setdefault("push.fan_out", Job("push.fan_out", every, fan_out))

@@ -13,9 +13,9 @@ from flask import Flask
 
 from portal.core.db import new_session
 from portal.delivery.google_wallet import GoogleWalletClient
+from portal.outbox.worker import periodic
 from portal.services import wallet_google, wallet_messages
 from portal.services.loyalty_program import LoyaltyProgram
-from portal.worker import periodic
 
 CLIENT = "carnet.google_wallet.client"
 

@@ -70,7 +70,7 @@ def revoke(name_or_id: str) -> None:
                "stopped.")
 @click.option("--once", is_flag=True, help="Run every job once and exit.")
 def worker_command(once: bool) -> None:
-    from portal import worker
+    from portal.outbox import worker
 
     app = _app()
     if once:

@@ -11,7 +11,8 @@ from portal.api.schema import Int, Obj, Str
 from portal.api.schemas import WebhookCreate
 from portal.core.db import begin_write, get_session
 from portal.core.outbound import RefusedDestination
-from portal.services import feed, webhooks
+from portal.outbox import feed
+from portal.services import webhooks
 
 EventsQuery = Obj({
     "after": Str(min_length=1, max_length=40, description="next_cursor of the last page."),

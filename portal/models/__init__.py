@@ -4,7 +4,6 @@ from portal.core.ratelimit_counters import RateLimitCounter
 from portal.models import decision_facts  # noqa: F401  (the triggers that keep copies)
 from portal.models.api import ApiKey, Webhook, WebhookDelivery
 from portal.models.catalog import Topic, TopicWording
-from portal.models.change import Change
 from portal.models.consent import (
     ConsentEvent,
     ConsentProof,
@@ -31,6 +30,7 @@ from portal.models.wallet import (
     WalletNews,
 )
 from portal.models.wallet_message import WalletMessage, WalletMessageRecipient
+from portal.outbox.models import Change
 
 __all__ = [
     "ApiKey",

@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session
 
 from portal.core.db import utcnow
 from portal.models.customer import Customer, UsedLink
-from portal.services import changes, sign_ins
+from portal.outbox import changes
+from portal.services import sign_ins
 from portal.services.lookalikes import is_lookalike, skeleton
 
 passwords = CryptContext(schemes=["argon2", "bcrypt"], deprecated="auto")

@@ -15,7 +15,7 @@ from portal.core.db import utcnow
 from portal.models.catalog import CHANNELS
 from portal.models.consent import ANY, STATES, ConsentEvent, ConsentProof, ConsentState
 from portal.models.customer import Customer
-from portal.services import changes
+from portal.outbox import changes
 from portal.services.catalog import Catalog, get_catalog, wording_exists
 
 SOURCES = ("portal", "link", "one_click", "double_opt_in", "api", "import", "sms", "call_center",

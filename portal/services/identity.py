@@ -29,7 +29,7 @@ from portal.core.fast_rows import (
 )
 from portal.models.consent import ANY, ConsentState, ContactRule, Suppression
 from portal.models.customer import Customer, ExternalId
-from portal.services import changes
+from portal.outbox import changes
 from portal.services.accounts import (
     AccountError,
     check_not_lookalike,

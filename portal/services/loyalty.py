@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, aliased
 from portal.core.db import utcnow
 from portal.models.customer import Customer
 from portal.models.loyalty import LedgerEntry, Lot, LotAllocation, Member, TermsAcceptance
-from portal.services import changes
+from portal.outbox import changes
 from portal.services.consent import SOURCES, Proof
 from portal.services.loyalty_program import LoyaltyProgram, Tier, record_terms
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from portal.models.consent import ANY, ContactRule
 from portal.models.customer import Customer
-from portal.services import changes
+from portal.outbox import changes
 from portal.services.accounts import AccountError, normalize_phone
 from portal.services.catalog import Catalog
 from portal.services.consent import Proof, current_states, lock_customer, record_consent

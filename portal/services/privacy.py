@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 from portal.core.db import utcnow
 from portal.models.consent import ANY, ConsentEvent, ConsentProof, ContactRule, Suppression
 from portal.models.customer import Customer, ExternalId, SignInSession
-from portal.services import changes, sign_ins
+from portal.outbox import changes
+from portal.services import sign_ins
 from portal.services.catalog import Catalog
 from portal.services.consent import Proof, history, record_consent
 from portal.services.preferences import contact_pressure

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from portal.core.db import utcnow
 from portal.models.consent import ANY, Suppression
 from portal.models.customer import Customer
-from portal.services import changes
+from portal.outbox import changes
 from portal.services.catalog import Catalog
 from portal.services.consent import Proof, record_consent
 

@@ -8,7 +8,7 @@ card changes, :func:`notify_pass_changed` advances the card's update tag and que
 every registered device, in the caller's transaction, so the push exists if and only if the
 change committed.
 
-Update tags are ordered like the change feed (``services/feed.py``): the writer's PostgreSQL
+Update tags are ordered like the change feed (``portal/outbox/feed.py``): the writer's PostgreSQL
 transaction id, then a counter. :func:`serials_updated_since` only moves a device's
 ``lastUpdated`` past updates whose transaction is older than every running one, so a card
 updated by a transaction that commits late is reported on the next ask instead of being
@@ -36,7 +36,7 @@ from portal.models.customer import Customer
 from portal.models.google_wallet import WalletFeedCursor
 from portal.models.loyalty import Member
 from portal.models.wallet import AppleDeviceRegistration, ApplePass, ApplePush, WalletNews
-from portal.services import changes, feed
+from portal.outbox import changes, feed
 from portal.services import loyalty as ledger
 from portal.services.catalog import LOCALES
 from portal.services.loyalty_program import LoyaltyProgram

@@ -33,7 +33,7 @@ from portal.delivery.apns import PushOutcome, PushResult
 from portal.models.google_wallet import WalletFeedCursor
 from portal.models.loyalty import Member
 from portal.models.wallet import AppleDeviceRegistration, ApplePass, ApplePush
-from portal.services import feed
+from portal.outbox import feed
 from portal.services.wallet_apple import FEED_CONSUMER, notify_pass_changed
 
 log = logging.getLogger("carnet.wallet.apple")

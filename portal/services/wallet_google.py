@@ -42,7 +42,7 @@ from portal.delivery.google_wallet import (
 from portal.models.customer import Customer
 from portal.models.google_wallet import GoogleNotification, GoogleWalletObject, WalletFeedCursor
 from portal.models.loyalty import Member
-from portal.services import feed
+from portal.outbox import feed
 from portal.services import loyalty as ledger
 from portal.services.loyalty_program import LoyaltyProgram
 from portal.services.privacy import PrivacyHooks

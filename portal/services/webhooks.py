@@ -35,8 +35,8 @@ from sqlalchemy.orm import Session
 from portal.core import outbound
 from portal.core.db import begin_write, utcnow
 from portal.models.api import Webhook, WebhookDelivery
-from portal.models.change import Change
-from portal.services import feed
+from portal.outbox import feed
+from portal.outbox.models import Change
 
 log = logging.getLogger("carnet.webhooks")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from portal import worker
+from portal.outbox import worker
 
 
 def init_app(app: Flask) -> None:

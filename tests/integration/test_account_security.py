@@ -12,11 +12,11 @@ from sqlalchemy import func, select, update
 
 from portal import create_app
 from portal.core.db import utcnow
-from portal.models.change import Change
 from portal.models.customer import Customer, SignInSession
+from portal.outbox.models import Change
+from portal.outbox.worker import run_once
 from portal.services import accounts
 from portal.web import links
-from portal.worker import run_once
 from tests.conftest import app_config, csrf_from, path_of, submit
 
 PASSWORD = "correct horse 1"

@@ -7,8 +7,8 @@ import pytest
 from sqlalchemy import select
 
 from portal.core.db import new_session
-from portal.models.change import Change
 from portal.models.consent import ConsentEvent, Suppression
+from portal.outbox.models import Change
 from tests.support.api_client import Api, field_errors
 
 

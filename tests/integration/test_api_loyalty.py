@@ -12,9 +12,10 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from portal import create_app, worker
+from portal import create_app
 from portal.core.db import make_engine, utcnow
 from portal.models.loyalty import IdempotencyRecord, LedgerEntry, Member
+from portal.outbox import worker
 from portal.services import loyalty as ledger
 from portal.services.loyalty_program import load_program, luhn_check_digit
 from tests.conftest import CATALOG, app_config, prepare_schema

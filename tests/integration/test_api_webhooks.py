@@ -7,10 +7,10 @@ from datetime import timedelta
 
 import pytest
 
-from portal import create_app, worker
+from portal import create_app
 from portal.core.db import new_session, utcnow
 from portal.models.api import Webhook
-from portal.services import feed
+from portal.outbox import feed, worker
 from portal.services.webhooks import OUTCOMES, Policy, sign, verify
 from tests.conftest import app_config
 from tests.support.api_client import Api, field_errors

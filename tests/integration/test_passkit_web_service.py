@@ -20,10 +20,10 @@ from passes.devcerts import read_key_id
 from portal import create_app
 from portal.models.customer import Customer
 from portal.models.wallet import AppleDeviceRegistration, ApplePass, ApplePush
+from portal.outbox.worker import run_once
 from portal.services import loyalty as ledger
 from portal.services.loyalty_program import load_program
 from portal.wallet_ws.issuer import apple_wallet
-from portal.worker import run_once
 from tests.conftest import CATALOG, app_config, path_of, submit
 from tests.support.apple_wallet import (
     PASS_TYPE_ID,

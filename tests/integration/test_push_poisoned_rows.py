@@ -13,9 +13,9 @@ from portal import create_app
 from portal.core.db import new_session, utcnow
 from portal.delivery.webpush import generate_vapid_keys
 from portal.models.push import PushDelivery, PushMessage
+from portal.outbox.worker import run_once
 from portal.services import push
 from portal.services.catalog import get_catalog
-from portal.worker import run_once
 from tests.conftest import app_config
 from tests.support.api_client import Api
 from tests.support.fake_push_service import FakePushService

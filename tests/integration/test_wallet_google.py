@@ -14,10 +14,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from passes.google import build_loyalty_class
-from portal import worker
 from portal.core.db import new_session, utcnow
 from portal.models.google_wallet import GoogleNotification, GoogleWalletObject
 from portal.models.loyalty import Member
+from portal.outbox import worker
 from portal.services import wallet_google
 from portal.services.loyalty import leave
 from portal.wallet_sync import google_client

@@ -12,7 +12,6 @@ from flask import Flask
 from sqlalchemy import select
 
 from passes.google import build_loyalty_class
-from portal import worker
 from portal.core.db import new_session, utcnow
 from portal.models.consent import Dispatch
 from portal.models.customer import Customer
@@ -20,6 +19,7 @@ from portal.models.google_wallet import GoogleNotification, GoogleWalletObject
 from portal.models.loyalty import Member
 from portal.models.wallet import WalletNews
 from portal.models.wallet_message import WalletMessageRecipient
+from portal.outbox import worker
 from portal.services import wallet_apple, wallet_google, wallet_messages
 from portal.services.catalog import get_catalog
 from portal.services.wallet_messages import deliver_due

@@ -10,9 +10,9 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import DBAPIError
 
 from portal.core.db import utcnow
-from portal.models.change import Change
 from portal.models.consent import ConsentEvent, ConsentProof, ConsentState
 from portal.models.customer import Customer
+from portal.outbox.models import Change
 from portal.services.accounts import create_customer
 from portal.services.catalog import get_catalog
 from portal.services.consent import ConsentError, Proof, current_states, record_consent

@@ -12,8 +12,8 @@ from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from portal.core.db import make_engine
-from portal.models.change import Change
-from portal.services import changes, feed
+from portal.outbox import changes, feed
+from portal.outbox.models import Change
 from tests.conftest import prepare_schema
 from tests.support.databases import fresh_database
 

@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 
 from portal.core.db import make_engine
 from portal.models.catalog import TopicWording
-from portal.models.change import Change
 from portal.models.consent import ConsentEvent
 from portal.models.loyalty import LedgerEntry, Lot, LotAllocation, Member, TermsAcceptance
+from portal.outbox.models import Change
 from portal.services import idempotency, loyalty_hooks, privacy
 from portal.services import loyalty as ledger
 from portal.services.accounts import create_customer

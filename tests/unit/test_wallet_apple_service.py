@@ -17,7 +17,7 @@ from portal.delivery.apns import PushOutcome, PushResult
 from portal.models.customer import Customer
 from portal.models.loyalty import Member
 from portal.models.wallet import AppleDeviceRegistration, ApplePush, WalletNews
-from portal.services import changes
+from portal.outbox import changes
 from portal.services import loyalty as ledger
 from portal.services import wallet_apple as service
 from portal.services import wallet_apple_sync as sync

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import literal_column, text
 from sqlalchemy.orm import Session
 
-from portal.models.change import Change
+from portal.outbox.models import Change
 
 _TXID_KEY = "carnet.txid"
 # Evaluated by PostgreSQL inside the INSERT itself, so writing a change costs no extra round

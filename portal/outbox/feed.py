@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import and_, or_, select, text
 from sqlalchemy.orm import Session
 
-from portal.models.change import Change
 from portal.models.customer import Customer
+from portal.outbox.models import Change
 
 CURSOR_RE = re.compile(r"([0-9]{1,19})_([0-9]{1,19})")
 
