@@ -13,7 +13,7 @@ decrypts every body (``--no-verify`` turns that off to measure the clients alone
 are then not checked for content, only for status). After each run the decrypted
 plaintexts are compared with what was sent, so a fast but wrong client cannot win.
 
-The "worker path" row sends the way ``portal.push_worker`` does: one ``send`` per delivery
+The "worker path" row sends the way ``portal.push.jobs`` does: one ``send`` per delivery
 (each may carry its own language), in chunks, on the worker's threads.
 
 ``web-push`` is installed from npm into a temporary folder on each run and driven by
@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from portal.delivery.webpush import (  # noqa: E402 - needs the repository root on sys.path
+from portal.push.webpush import (  # noqa: E402 - needs the repository root on sys.path
     VapidKeys,
     WebPushSender,
     generate_vapid_keys,
@@ -215,10 +215,10 @@ def run_carnet(
 
 
 def run_worker_path(service: Service, keys: VapidKeys, payloads: list[bytes]) -> RunFigures:
-    """What ``portal.push_worker.deliver`` does with a claimed chunk (without the database):
+    """What ``portal.push.jobs.deliver`` does with a claimed chunk (without the database):
     one ``send`` per delivery, since each may carry its own language, on the worker's threads."""
-    from portal.push_worker import SEND_CHUNK, SEND_THREADS, _send
-    from portal.services.push_messages import Outgoing
+    from portal.push.jobs import SEND_CHUNK, SEND_THREADS, _send
+    from portal.push.messages import Outgoing
 
     pool = make_push_pool(maxsize=SEND_THREADS, ca_certs=service.ca_path)
     items = [Outgoing(0, sub, payload, TTL, "normal", None)

@@ -77,15 +77,9 @@ def register_personal_data(app: Flask) -> None:
     app (``app.extensions["carnet.privacy"]``), whatever the catalog offers, whichever pages
     are mounted, and in every process (web, worker, commands). A new domain holding personal
     data adds its line here."""
-    from portal.services import (
-        loyalty_hooks,
-        privacy,
-        push,
-        push_messages,
-        wallet_apple,
-        wallet_google,
-        wallet_messages,
-    )
+    from portal.push import messages as push_messages
+    from portal.push import subscriptions as push
+    from portal.services import loyalty_hooks, privacy, wallet_apple, wallet_google, wallet_messages
     from portal.services.loyalty_program import PROGRAM_EXTENSION
 
     hooks = privacy.hooks_of(app.extensions)

@@ -26,7 +26,7 @@ def init_app(app: Flask) -> None:
     from portal.loyalty_cli import loyalty_cli
 
     app.cli.add_command(loyalty_cli)
-    from portal.push_cli import push_cli
+    from portal.push.cli import push_cli
 
     app.cli.add_command(push_cli)
     from portal.api.cli import api_keys_cli, worker_command

@@ -26,10 +26,10 @@ def operations() -> list[Operation]:
         events,
         loyalty,
         messaging,
-        push,
         wallet,
     )
     from portal.api.core import OPERATIONS
+    from portal.push import api as push  # noqa: F401
 
     return OPERATIONS
 

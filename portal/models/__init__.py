@@ -22,7 +22,6 @@ from portal.models.loyalty import (
     Member,
     TermsAcceptance,
 )
-from portal.models.push import PushDelivery, PushMessage, PushSubscription, PushTopicChoice
 from portal.models.wallet import (
     AppleDeviceRegistration,
     ApplePass,
@@ -31,6 +30,7 @@ from portal.models.wallet import (
 )
 from portal.models.wallet_message import WalletMessage, WalletMessageRecipient
 from portal.outbox.models import Change
+from portal.push.models import PushDelivery, PushMessage, PushSubscription, PushTopicChoice
 
 __all__ = [
     "ApiKey",

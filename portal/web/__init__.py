@@ -34,13 +34,13 @@ def local_path(target: str | None) -> str | None:
 
 def register(app: Flask) -> None:
     from portal.auth import load_customer
+    from portal.push import views as push
     from portal.web import (
         account,
         loyalty,
         main,
         preferences,
         privacy,
-        push,
         sign_ins,
         unsubscribe,
         verification,

@@ -12,9 +12,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from portal.core.db import get_engine
-from portal.delivery.webpush import generate_vapid_keys
 from portal.models.consent import ConsentState
-from portal.models.push import PushSubscription
+from portal.push.models import PushSubscription
+from portal.push.webpush import generate_vapid_keys
 from portal.services import accounts
 from tests.browser.conftest import LiveServer
 from tests.support.fake_push_service import make_fake_subscription

@@ -14,13 +14,14 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from portal import push_worker
 from portal.core.db import new_session, utcnow
-from portal.delivery.webpush import generate_vapid_keys
 from portal.models.api import Webhook, WebhookDelivery
-from portal.models.push import PushDelivery
 from portal.outbox import worker
-from portal.services import loyalty, push
+from portal.push import jobs as push_worker
+from portal.push import subscriptions as push
+from portal.push.models import PushDelivery
+from portal.push.webpush import generate_vapid_keys
+from portal.services import loyalty
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof
 from portal.services.loyalty_program import load_program

@@ -15,9 +15,9 @@ import pytest
 from sqlalchemy import select, text
 
 from portal.core.db import get_engine, new_session
-from portal.delivery.webpush import generate_vapid_keys
-from portal.models.push import PushDelivery
-from portal.services import push
+from portal.push import subscriptions as push
+from portal.push.models import PushDelivery
+from portal.push.webpush import generate_vapid_keys
 from portal.services.catalog import get_catalog
 from tests.faults.helpers import WorkerProcess, dispose, make_live_app, wait_for
 from tests.support.api_client import make_key

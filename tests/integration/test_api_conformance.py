@@ -8,8 +8,8 @@ from typing import Any
 import jsonschema_rs
 import pytest
 
-from portal.api.push import Url
 from portal.api.schema import FieldError
+from portal.push.api import Url
 from tests.conftest import app_config
 from tests.support.api_client import Api, field_errors
 
@@ -17,7 +17,7 @@ from tests.support.api_client import Api, field_errors
 @pytest.fixture
 def app(connection, tmp_path):
     from portal import create_app
-    from portal.delivery.webpush import generate_vapid_keys, save_vapid_private_key
+    from portal.push.webpush import generate_vapid_keys, save_vapid_private_key
 
     key_path = save_vapid_private_key(generate_vapid_keys(), tmp_path / "vapid.pem")
     return create_app(app_config(tmp_path, CARNET_DB_BIND=connection,

@@ -123,7 +123,7 @@ def app(connection, tmp_path):
     """A fully configured app: every aggregate's operations are in the registry, and a
     deliberate "not configured" 503 would hide real answers."""
     from portal import create_app
-    from portal.delivery.webpush import generate_vapid_keys, save_vapid_private_key
+    from portal.push.webpush import generate_vapid_keys, save_vapid_private_key
     from tests.conftest import app_config
 
     key_path = save_vapid_private_key(generate_vapid_keys(), tmp_path / "vapid.pem")

@@ -17,18 +17,19 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from portal import create_app, push_worker
+from portal import create_app
 from portal.core.db import utcnow
 from portal.models.consent import ConsentEvent, ConsentProof, Suppression
 from portal.models.customer import Customer, ExternalId, SignInSession
 from portal.models.google_wallet import GoogleWalletObject
 from portal.models.loyalty import LedgerEntry, Member, TermsAcceptance
-from portal.models.push import PushDelivery, PushMessage, PushSubscription, PushTopicChoice
 from portal.models.wallet import AppleDeviceRegistration, ApplePush, WalletNews
 from portal.models.wallet_message import WalletMessage, WalletMessageRecipient
+from portal.push import jobs as push_worker
+from portal.push import subscriptions as push_service
+from portal.push.models import PushDelivery, PushMessage, PushSubscription, PushTopicChoice
 from portal.services import accounts, sign_ins, suppressions, wallet_apple
 from portal.services import loyalty as ledger
-from portal.services import push as push_service
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof, record_consent
 from portal.services.loyalty_program import load_program

@@ -9,12 +9,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from portal import create_app, push_worker
+from portal import create_app
 from portal.core.db import new_session, utcnow
-from portal.delivery.webpush import generate_vapid_keys
-from portal.models.push import PushDelivery, PushMessage, PushSubscription
 from portal.outbox.worker import run_once
-from portal.services import push
+from portal.push import jobs as push_worker
+from portal.push import subscriptions as push
+from portal.push.models import PushDelivery, PushMessage, PushSubscription
+from portal.push.webpush import generate_vapid_keys
 from portal.services.catalog import get_catalog
 from tests.conftest import app_config
 from tests.support.api_client import Api, field_errors, make_key
@@ -204,7 +205,7 @@ def test_a_worker_killed_mid_send_loses_nothing(api, service):
     session = new_session(api.app)
     now = utcnow()
     with session.begin():  # a worker claims, then dies before sending
-        from portal.services import push_messages
+        from portal.push import messages as push_messages
         assert len(push_messages.claim_due(session, now, push_worker.policy(api.app))) == 1
     session.close()
     assert push_worker.deliver(api.app, now) == {}

@@ -11,10 +11,10 @@ from sqlalchemy import select
 
 from portal import create_app
 from portal.core.db import new_session, utcnow
-from portal.delivery.webpush import generate_vapid_keys
-from portal.models.push import PushDelivery, PushMessage
 from portal.outbox.worker import run_once
-from portal.services import push
+from portal.push import subscriptions as push
+from portal.push.models import PushDelivery, PushMessage
+from portal.push.webpush import generate_vapid_keys
 from portal.services.catalog import get_catalog
 from tests.conftest import app_config
 from tests.support.api_client import Api

@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import select
 
 from portal import create_app
-from portal.delivery.webpush import generate_vapid_keys
 from portal.models.consent import ConsentEvent, ConsentState
-from portal.models.push import PushSubscription
+from portal.push.models import PushSubscription
+from portal.push.webpush import generate_vapid_keys
 from portal.services import accounts
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof, record_consent
@@ -103,7 +103,7 @@ def test_anonymous_subscribe_change_topics_and_leave(client, session):
     assert [(e.topic_key, e.state) for e in events] == [
         ("offers", "granted"), ("events", "granted"), ("offers", "withdrawn")]
     # What the page's script asks on load to re-sync.
-    from portal.services.push import sha256
+    from portal.push.subscriptions import sha256
     state = client.get(f"/push/subscription?endpoint_hash={sha256(sub['endpoint'])}").get_json()
     assert state["known"] and state["mine"] and state["topics"] == ["events"]
     r = call(client, "DELETE", {"endpoint": sub["endpoint"]})
@@ -240,7 +240,7 @@ def test_renewal_keeps_owner_and_choices(client, session):
     assert r.status_code == 204
     row = session.scalars(select(PushSubscription)).one()
     assert row.endpoint == new["endpoint"] and row.p256dh == new["keys"]["p256dh"]
-    from portal.services.push import sha256
+    from portal.push.subscriptions import sha256
     state = client.get(f"/push/subscription?endpoint_hash={sha256(new['endpoint'])}").get_json()
     assert state["mine"] and state["topics"] == ["offers"]
     r = renew(client, old["endpoint"], new_sub())

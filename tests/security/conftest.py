@@ -21,9 +21,9 @@ from sqlalchemy.orm import Session
 from passes.google_dev import create_dev_service_account
 from portal import create_app
 from portal.core import tokens
-from portal.delivery.webpush import generate_vapid_keys
 from portal.models.customer import Customer
 from portal.models.loyalty import Member
+from portal.push.webpush import generate_vapid_keys
 from portal.services import accounts
 from portal.services import loyalty as ledger
 from portal.services.catalog import get_catalog

@@ -27,7 +27,7 @@ from portal.core import tokens
 from portal.core.tokens import PURPOSES, fingerprint
 from portal.models.consent import ConsentEvent, ConsentState
 from portal.models.customer import Customer
-from portal.models.push import PushSubscription
+from portal.push.models import PushSubscription
 from portal.services import api_keys
 from portal.web.links import CONFIGURED_AGES
 from tests.conftest import csrf_from

@@ -9,10 +9,11 @@ import pytest
 from sqlalchemy import select
 
 from portal.core.db import utcnow
-from portal.delivery.webpush import MAX_PAYLOAD_BYTES, PushOutcome
 from portal.models.consent import ConsentEvent, ConsentState, Dispatch
-from portal.models.push import PushDelivery, PushSubscription
-from portal.services import push, push_messages
+from portal.push import messages as push_messages
+from portal.push import subscriptions as push
+from portal.push.models import PushDelivery, PushSubscription
+from portal.push.webpush import MAX_PAYLOAD_BYTES, PushOutcome
 from portal.services.accounts import create_customer
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof, record_consent

@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from portal.delivery.webpush import (
+from portal.push.webpush import (
     MAX_PAYLOAD_BYTES,
     VAPID_TOKEN_LIFETIME_SECONDS,
     InvalidPushOptions,

@@ -18,7 +18,9 @@ from flask.sansio.app import App
 from sqlalchemy.orm import Session
 
 from portal.core.db import new_session, utcnow
-from portal.delivery.webpush import (
+from portal.push import messages as push_messages
+from portal.push.models import PushMessage
+from portal.push.webpush import (
     InvalidPushOptions,
     PayloadTooLarge,
     PushOutcome,
@@ -27,8 +29,6 @@ from portal.delivery.webpush import (
     WebPushSender,
     load_vapid_private_key,
 )
-from portal.models.push import PushMessage
-from portal.services import push_messages
 from portal.services.catalog import get_catalog
 
 log = logging.getLogger("carnet.push")

@@ -40,15 +40,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.wrappers import Response
 from wtforms.validators import ValidationError
 
-from portal import push_worker
 from portal.auth import ON_SIGN_IN, current_customer
 from portal.core import ratelimit
 from portal.core.db import get_session, utcnow
 from portal.core.errors import problem
 from portal.core.security import csrf
 from portal.models.customer import Customer
-from portal.services import push as push_service
-from portal.services import push_messages
+from portal.push import jobs as push_worker
+from portal.push import messages as push_messages
+from portal.push import subscriptions as push_service
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof
 from portal.services.decisions import CONTACT_RESOLVERS

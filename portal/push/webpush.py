@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from portal.core.outbound import Pinned, RefusedDestination, Resolver, check_url, pin
-from portal.delivery.vapid import (  # noqa: F401  (re-exported)
+from portal.push.vapid import (  # noqa: F401  (re-exported)
     VapidKeyError,
     VapidKeys,
     VapidSubjectError,

@@ -23,10 +23,10 @@ from sqlalchemy.orm import Session
 
 from portal.core.db import utcnow
 from portal.core.outbound import RefusedDestination, check_url
-from portal.delivery.webpush import InvalidSubscription, parse_subscription
 from portal.models.consent import ConsentEvent, ConsentProof, ConsentState
 from portal.models.customer import Customer
-from portal.models.push import PushSubscription, PushTopicChoice
+from portal.push.models import PushSubscription, PushTopicChoice
+from portal.push.webpush import InvalidSubscription, parse_subscription
 from portal.services.catalog import Catalog, TopicInfo
 from portal.services.consent import Proof, proof_digest, record_consent
 from portal.services.decisions import Evidence, Facts

@@ -24,11 +24,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from portal.core.db import utcnow
-from portal.delivery.webpush import MAX_PAYLOAD_BYTES, PushOutcome
 from portal.models.consent import Dispatch
 from portal.models.customer import Customer
-from portal.models.push import PushDelivery, PushMessage, PushSubscription
-from portal.services import push
+from portal.push import subscriptions as push
+from portal.push.models import PushDelivery, PushMessage, PushSubscription
+from portal.push.webpush import MAX_PAYLOAD_BYTES, PushOutcome
 from portal.services.catalog import Catalog
 from portal.services.decisions import Decision, decide, load_facts
 from portal.services.privacy import PrivacyHooks

@@ -14,8 +14,8 @@ from portal.api.schema import URL_CHAR, Int, Obj, Str
 from portal.api.schemas import Audience, Topic
 from portal.core.db import begin_write, get_session
 from portal.core.i18n import LOCALES
-from portal.delivery.webpush import MAX_TTL_SECONDS, URGENCIES
-from portal.services import push_messages
+from portal.push import messages as push_messages
+from portal.push.webpush import MAX_TTL_SECONDS, URGENCIES
 from portal.services.catalog import get_catalog
 
 URL_PATTERN = f"(https?://{URL_CHAR}+|/{URL_CHAR}*)"

@@ -22,7 +22,7 @@ push_cli = AppGroup("push", help="Web push (browser notifications).")
 @click.option("--if-missing", is_flag=True, help="Succeed without doing anything when the "
               "key already exists (used by `make run`).")
 def vapid_keys(path: str | None, if_missing: bool) -> None:
-    from portal.delivery.webpush import (
+    from portal.push.webpush import (
         VapidKeyError,
         generate_vapid_keys,
         load_vapid_private_key,
