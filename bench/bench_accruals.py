@@ -52,12 +52,12 @@ from bench_decisions import free_port, pct, start_server  # noqa: E402
 
 import portal.models  # noqa: E402,F401
 from portal.core.db import Base, make_engine  # noqa: E402
+from portal.loyalty.ledger import NO_EXPIRY  # noqa: E402
+from portal.loyalty.models import IdempotencyRecord, LedgerEntry, Member  # noqa: E402
+from portal.loyalty.program import program_from_spec, record_terms  # noqa: E402
 from portal.models.customer import Customer  # noqa: E402
-from portal.models.loyalty import IdempotencyRecord, LedgerEntry, Member  # noqa: E402
 from portal.services import api_keys  # noqa: E402
 from portal.services.catalog import load_catalog_file, sync_catalog  # noqa: E402
-from portal.services.loyalty import NO_EXPIRY  # noqa: E402
-from portal.services.loyalty_program import program_from_spec, record_terms  # noqa: E402
 from tests.support.statements import counting  # noqa: E402
 
 DATABASE = "carnet_bench_loyalty"

@@ -37,11 +37,11 @@ from sqlalchemy.orm import Session  # noqa: E402
 
 import portal.models  # noqa: E402,F401 - every table in Base.metadata
 from portal.core.db import Base, make_engine  # noqa: E402
+from portal.loyalty.jobs import expire_batches, tier_batches  # noqa: E402
+from portal.loyalty.models import LedgerEntry, Lot, LotAllocation, Member  # noqa: E402
+from portal.loyalty.program import LoyaltyProgram, program_from_spec  # noqa: E402
 from portal.models.customer import Customer  # noqa: E402
-from portal.models.loyalty import LedgerEntry, Lot, LotAllocation, Member  # noqa: E402
 from portal.services.catalog import load_catalog_file, sync_catalog  # noqa: E402
-from portal.services.loyalty_jobs import expire_batches, tier_batches  # noqa: E402
-from portal.services.loyalty_program import LoyaltyProgram, program_from_spec  # noqa: E402
 
 BENCH_DB = "carnet_bench"
 CATALOG = ROOT / "portal" / "catalog.toml"

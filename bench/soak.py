@@ -46,10 +46,10 @@ from bench_decisions import TOPICS, rss_kb, seed, worker_pids  # noqa: E402
 
 from portal import create_app  # noqa: E402
 from portal.core.db import make_engine, new_session  # noqa: E402
+from portal.loyalty import ledger as loyalty  # noqa: E402
+from portal.loyalty.program import load_program  # noqa: E402
 from portal.models.customer import Customer  # noqa: E402
-from portal.services import loyalty  # noqa: E402
 from portal.services.consent import Proof  # noqa: E402
-from portal.services.loyalty_program import load_program  # noqa: E402
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 PG_SOAK = "postgresql+psycopg://postgres@127.0.0.1:5432/carnet_soak"

@@ -67,7 +67,7 @@ def load_loyalty_program(app: Flask) -> None:
     """The programme of today's catalog (None without a ``[loyalty]`` table) belongs to the
     app, not to the loyalty page: erasure, the worker and the commands need it too. A broken
     table stops the start."""
-    from portal.services.loyalty_program import PROGRAM_EXTENSION, load_program
+    from portal.loyalty.program import PROGRAM_EXTENSION, load_program
 
     app.extensions[PROGRAM_EXTENSION] = load_program(app.config["CATALOG_PATH"])
 
@@ -77,10 +77,11 @@ def register_personal_data(app: Flask) -> None:
     app (``app.extensions["carnet.privacy"]``), whatever the catalog offers, whichever pages
     are mounted, and in every process (web, worker, commands). A new domain holding personal
     data adds its line here."""
+    from portal.loyalty import hooks as loyalty_hooks
+    from portal.loyalty.program import PROGRAM_EXTENSION
     from portal.push import messages as push_messages
     from portal.push import subscriptions as push
-    from portal.services import loyalty_hooks, privacy, wallet_apple, wallet_google, wallet_messages
-    from portal.services.loyalty_program import PROGRAM_EXTENSION
+    from portal.services import privacy, wallet_apple, wallet_google, wallet_messages
 
     hooks = privacy.hooks_of(app.extensions)
     loyalty_hooks.register_privacy(hooks, app.extensions[PROGRAM_EXTENSION])

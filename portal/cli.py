@@ -23,7 +23,7 @@ def init_app(app: Flask) -> None:
     app.cli.add_command(facts_cli)
     app.cli.add_command(migrate)
     app.cli.add_command(demo)
-    from portal.loyalty_cli import loyalty_cli
+    from portal.loyalty.cli import loyalty_cli
 
     app.cli.add_command(loyalty_cli)
     from portal.push.cli import push_cli

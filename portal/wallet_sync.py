@@ -13,9 +13,9 @@ from flask import Flask
 
 from portal.core.db import new_session
 from portal.delivery.google_wallet import GoogleWalletClient
+from portal.loyalty.program import LoyaltyProgram
 from portal.outbox.worker import periodic
 from portal.services import wallet_google, wallet_messages
-from portal.services.loyalty_program import LoyaltyProgram
 
 CLIENT = "carnet.google_wallet.client"
 
@@ -44,7 +44,7 @@ def close_google_client(app: Flask) -> None:
 
 
 def _program(app: Flask) -> LoyaltyProgram | None:
-    from portal.web.loyalty import current_program
+    from portal.loyalty.views import current_program
 
     return current_program(app)
 

@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from alembic import op
 
 import portal.core.db
-from portal.models import consent, loyalty
+from portal.models import consent
+from portal.loyalty import models as loyalty
 
 revision = '0001'
 down_revision = None

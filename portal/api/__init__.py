@@ -24,11 +24,11 @@ def operations() -> list[Operation]:
         decisions,
         docs,
         events,
-        loyalty,
         messaging,
         wallet,
     )
     from portal.api.core import OPERATIONS
+    from portal.loyalty import api as loyalty  # noqa: F401
     from portal.push import api as push  # noqa: F401
 
     return OPERATIONS

@@ -1,6 +1,14 @@
 """All models, imported so that ``Base.metadata`` knows every table."""
 
 from portal.core.ratelimit_counters import RateLimitCounter
+from portal.loyalty.models import (
+    IdempotencyRecord,
+    LedgerEntry,
+    Lot,
+    LotAllocation,
+    Member,
+    TermsAcceptance,
+)
 from portal.models import decision_facts  # noqa: F401  (the triggers that keep copies)
 from portal.models.api import ApiKey, Webhook, WebhookDelivery
 from portal.models.catalog import Topic, TopicWording
@@ -14,14 +22,6 @@ from portal.models.consent import (
 )
 from portal.models.customer import Customer, ExternalId, SignInSession, UsedLink
 from portal.models.google_wallet import GoogleNotification, GoogleWalletObject, WalletFeedCursor
-from portal.models.loyalty import (
-    IdempotencyRecord,
-    LedgerEntry,
-    Lot,
-    LotAllocation,
-    Member,
-    TermsAcceptance,
-)
 from portal.models.wallet import (
     AppleDeviceRegistration,
     ApplePass,

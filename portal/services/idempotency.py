@@ -23,7 +23,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from portal.core.db import utcnow
-from portal.models.loyalty import IdempotencyRecord
+from portal.loyalty.models import IdempotencyRecord
 
 
 class IdempotencyConflict(ValueError):

@@ -32,14 +32,14 @@ from sqlalchemy.orm import Session
 
 from passes.apple import DEFAULT_STRINGS, News, PassCredentials, StoreCard, build_store_card
 from portal.core.db import utcnow
+from portal.loyalty import ledger
+from portal.loyalty.models import Member
+from portal.loyalty.program import LoyaltyProgram
 from portal.models.customer import Customer
 from portal.models.google_wallet import WalletFeedCursor
-from portal.models.loyalty import Member
 from portal.models.wallet import AppleDeviceRegistration, ApplePass, ApplePush, WalletNews
 from portal.outbox import changes, feed
-from portal.services import loyalty as ledger
 from portal.services.catalog import LOCALES
-from portal.services.loyalty_program import LoyaltyProgram
 from portal.services.privacy import PrivacyHooks
 
 log = logging.getLogger("carnet.wallet.apple")

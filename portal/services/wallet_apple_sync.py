@@ -30,8 +30,8 @@ from sqlalchemy.orm import Session
 
 from portal.core.db import utcnow
 from portal.delivery.apns import PushOutcome, PushResult
+from portal.loyalty.models import Member
 from portal.models.google_wallet import WalletFeedCursor
-from portal.models.loyalty import Member
 from portal.models.wallet import AppleDeviceRegistration, ApplePass, ApplePush
 from portal.outbox import feed
 from portal.services.wallet_apple import FEED_CONSUMER, notify_pass_changed

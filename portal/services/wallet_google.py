@@ -39,12 +39,12 @@ from portal.delivery.google_wallet import (
     GoogleWalletError,
     GoogleWalletNotFoundError,
 )
+from portal.loyalty import ledger
+from portal.loyalty.models import Member
+from portal.loyalty.program import LoyaltyProgram
 from portal.models.customer import Customer
 from portal.models.google_wallet import GoogleNotification, GoogleWalletObject, WalletFeedCursor
-from portal.models.loyalty import Member
 from portal.outbox import feed
-from portal.services import loyalty as ledger
-from portal.services.loyalty_program import LoyaltyProgram
 from portal.services.privacy import PrivacyHooks
 
 log = logging.getLogger("carnet.wallet.google")

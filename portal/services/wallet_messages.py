@@ -34,10 +34,10 @@ from portal.delivery.google_wallet import (
     GoogleWalletConflictError,
     GoogleWalletError,
 )
+from portal.loyalty.models import Member
 from portal.models.consent import Dispatch
 from portal.models.customer import Customer
 from portal.models.google_wallet import GoogleNotification, GoogleWalletObject
-from portal.models.loyalty import Member
 from portal.models.wallet import AppleDeviceRegistration, ApplePass, WalletNews
 from portal.models.wallet_message import (
     PLATFORMS,

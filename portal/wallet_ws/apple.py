@@ -18,12 +18,12 @@ from flask import Blueprint, Response, abort, jsonify, request
 from portal.core import ratelimit
 from portal.core.db import get_session
 from portal.core.errors import problem
-from portal.models.loyalty import Member
+from portal.loyalty.models import Member
+from portal.loyalty.views import current_program
 from portal.models.wallet import ApplePass
 from portal.services import wallet_apple
 from portal.wallet_ws.issuer import apple_wallet
 from portal.web import transaction
-from portal.web.loyalty import current_program
 
 bp = Blueprint("wallet_apple_ws", __name__, url_prefix="/wallet/apple")
 log = logging.getLogger("carnet.wallet.apple.device")

@@ -19,7 +19,7 @@ from flask import Flask, current_app
 from passes import devcerts
 from passes.apple import PassCredentials, load_credentials
 from portal.delivery.apns import APNsClient
-from portal.services.loyalty_program import LoyaltyProgram
+from portal.loyalty.program import LoyaltyProgram
 from portal.services.wallet_apple import CardSettings
 
 EXTENSION: Final = "carnet.wallet.apple"

@@ -34,17 +34,9 @@ def local_path(target: str | None) -> str | None:
 
 def register(app: Flask) -> None:
     from portal.auth import load_customer
+    from portal.loyalty import views as loyalty
     from portal.push import views as push
-    from portal.web import (
-        account,
-        loyalty,
-        main,
-        preferences,
-        privacy,
-        sign_ins,
-        unsubscribe,
-        verification,
-    )
+    from portal.web import account, main, preferences, privacy, sign_ins, unsubscribe, verification
     from portal.web.describe import channel_label
 
     app.jinja_env.globals["channel_label"] = channel_label

@@ -10,11 +10,11 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from portal.auth import current_customer, login_required
 from portal.core.db import get_session
-from portal.services import loyalty as ledger
+from portal.loyalty import ledger
+from portal.loyalty.views import current_program
 from portal.services import wallet_apple
 from portal.wallet_ws.issuer import apple_wallet
 from portal.web import transaction
-from portal.web.loyalty import current_program
 from portal.web.verification import unconfirmed
 
 bp = Blueprint("wallet_apple", __name__)

@@ -8,9 +8,9 @@ from flask import current_app
 
 from passes.google import GoogleWalletValidationError
 from portal.core.db import get_session
-from portal.models.loyalty import Member
+from portal.loyalty.models import Member
+from portal.loyalty.program import LoyaltyProgram
 from portal.services import wallet_google
-from portal.services.loyalty_program import LoyaltyProgram
 from portal.web import transaction
 
 log = logging.getLogger("carnet.wallet")

@@ -10,8 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from portal.core.db import get_engine
+from portal.loyalty import ledger
 from portal.models.customer import Customer
-from portal.services import loyalty as ledger
 from tests.browser.conftest import LiveServer
 from tests.browser.test_portal import sign_up_and_verify
 from tests.support.wallet_google import PROGRAM

@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session
 from passes.google import object_id_for
 from passes.google_dev import create_dev_service_account
 from portal.core.db import get_engine
+from portal.loyalty import ledger
 from portal.models.customer import Customer
 from portal.models.google_wallet import GoogleWalletObject
-from portal.services import loyalty as ledger
 from tests.browser.conftest import LiveServer
 from tests.browser.test_portal import sign_up_and_verify
 from tests.support.wallet_google import PROGRAM, decode_save_link

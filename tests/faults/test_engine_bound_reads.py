@@ -24,13 +24,13 @@ from sqlalchemy.exc import DataError, OperationalError
 
 from portal.core import fast_rows
 from portal.core.db import get_engine, make_engine, new_session, utcnow
+from portal.loyalty.program import load_program
 from portal.models.consent import ContactRule, Dispatch
 from portal.models.customer import Customer
 from portal.services import identity
 from portal.services.accounts import create_customer
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof, record_consent
-from portal.services.loyalty_program import load_program
 from tests.conftest import CATALOG
 from tests.faults.helpers import dispose, live_database, make_live_app
 from tests.support.api_client import make_key

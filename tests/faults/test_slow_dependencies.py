@@ -15,16 +15,16 @@ import requests
 from sqlalchemy import select
 
 from portal.core.db import new_session, utcnow
+from portal.loyalty import ledger as loyalty
+from portal.loyalty.program import load_program
 from portal.models.api import Webhook, WebhookDelivery
 from portal.outbox import worker
 from portal.push import jobs as push_worker
 from portal.push import subscriptions as push
 from portal.push.models import PushDelivery
 from portal.push.webpush import generate_vapid_keys
-from portal.services import loyalty
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof
-from portal.services.loyalty_program import load_program
 from tests.conftest import CATALOG
 from tests.faults.helpers import (
     LiveServer,

@@ -14,10 +14,10 @@ from sqlalchemy.orm import Session
 
 from portal import create_app
 from portal.core.db import make_engine, utcnow
-from portal.models.loyalty import IdempotencyRecord, LedgerEntry, Member
+from portal.loyalty import ledger
+from portal.loyalty.models import IdempotencyRecord, LedgerEntry, Member
+from portal.loyalty.program import load_program, luhn_check_digit
 from portal.outbox import worker
-from portal.services import loyalty as ledger
-from portal.services.loyalty_program import load_program, luhn_check_digit
 from tests.conftest import CATALOG, app_config, prepare_schema
 from tests.support.api_client import Api, field_errors, make_key
 from tests.support.databases import PG_URL, fresh_database

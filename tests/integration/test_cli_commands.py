@@ -20,16 +20,16 @@ from sqlalchemy.orm import Session
 from portal import create_app
 from portal.cli import alembic_config
 from portal.core.db import make_engine, utcnow
+from portal.loyalty import ledger
+from portal.loyalty.models import Member
+from portal.loyalty.program import LoyaltyProgram, add_months, load_program
 from portal.models.api import ApiKey
 from portal.models.catalog import TopicWording
 from portal.models.consent import ContactRule
 from portal.models.customer import Customer, SignInSession
-from portal.models.loyalty import Member
-from portal.services import loyalty as ledger
 from portal.services.accounts import create_customer, find_by_email
 from portal.services.consent import Proof
 from portal.services.demo import DEMO_EMAIL
-from portal.services.loyalty_program import LoyaltyProgram, add_months, load_program
 from tests.conftest import CATALOG, app_config
 from tests.support.databases import KINDS, fresh_database
 

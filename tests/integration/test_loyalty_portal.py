@@ -8,9 +8,9 @@ from datetime import timedelta
 from sqlalchemy import select
 
 from portal.core.db import utcnow
+from portal.loyalty import ledger
+from portal.loyalty.program import load_program
 from portal.models.customer import Customer
-from portal.services import loyalty as ledger
-from portal.services.loyalty_program import load_program
 from tests.conftest import CATALOG, path_of, submit
 
 PROGRAM = load_program(CATALOG)

@@ -18,11 +18,11 @@ from sqlalchemy.engine import Connection
 
 from passes.devcerts import read_key_id
 from portal import create_app
+from portal.loyalty import ledger
+from portal.loyalty.program import load_program
 from portal.models.customer import Customer
 from portal.models.wallet import AppleDeviceRegistration, ApplePass, ApplePush
 from portal.outbox.worker import run_once
-from portal.services import loyalty as ledger
-from portal.services.loyalty_program import load_program
 from portal.wallet_ws.issuer import apple_wallet
 from tests.conftest import CATALOG, app_config, path_of, submit
 from tests.support.apple_wallet import (

@@ -19,20 +19,20 @@ from sqlalchemy.orm import Session
 
 from portal import create_app
 from portal.core.db import utcnow
+from portal.loyalty import ledger
+from portal.loyalty.models import LedgerEntry, Member, TermsAcceptance
+from portal.loyalty.program import load_program
 from portal.models.consent import ConsentEvent, ConsentProof, Suppression
 from portal.models.customer import Customer, ExternalId, SignInSession
 from portal.models.google_wallet import GoogleWalletObject
-from portal.models.loyalty import LedgerEntry, Member, TermsAcceptance
 from portal.models.wallet import AppleDeviceRegistration, ApplePush, WalletNews
 from portal.models.wallet_message import WalletMessage, WalletMessageRecipient
 from portal.push import jobs as push_worker
 from portal.push import subscriptions as push_service
 from portal.push.models import PushDelivery, PushMessage, PushSubscription, PushTopicChoice
 from portal.services import accounts, sign_ins, suppressions, wallet_apple
-from portal.services import loyalty as ledger
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof, record_consent
-from portal.services.loyalty_program import load_program
 from portal.services.privacy import erase_customer, export_data, hooks_of
 from portal.wallet_sync import google_client
 from portal.wallet_ws.issuer import apple_wallet

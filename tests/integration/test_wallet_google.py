@@ -15,11 +15,11 @@ from sqlalchemy.orm import Session
 
 from passes.google import build_loyalty_class
 from portal.core.db import new_session, utcnow
+from portal.loyalty.ledger import leave
+from portal.loyalty.models import Member
 from portal.models.google_wallet import GoogleNotification, GoogleWalletObject
-from portal.models.loyalty import Member
 from portal.outbox import worker
 from portal.services import wallet_google
-from portal.services.loyalty import leave
 from portal.wallet_sync import google_client
 from tests.support.fake_google import FakeGoogle
 from tests.support.wallet_google import PROGRAM, earn, google_app, google_fake, new_member  # noqa: F401  (fixtures)

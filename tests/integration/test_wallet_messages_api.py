@@ -13,10 +13,10 @@ from sqlalchemy import select
 
 from passes.google import build_loyalty_class
 from portal.core.db import new_session, utcnow
+from portal.loyalty.models import Member
 from portal.models.consent import Dispatch
 from portal.models.customer import Customer
 from portal.models.google_wallet import GoogleNotification, GoogleWalletObject
-from portal.models.loyalty import Member
 from portal.models.wallet import WalletNews
 from portal.models.wallet_message import WalletMessageRecipient
 from portal.outbox import worker

@@ -21,14 +21,14 @@ from sqlalchemy.orm import Session
 from passes.google_dev import create_dev_service_account
 from portal import create_app
 from portal.core import tokens
+from portal.loyalty import ledger
+from portal.loyalty.models import Member
+from portal.loyalty.program import load_program
 from portal.models.customer import Customer
-from portal.models.loyalty import Member
 from portal.push.webpush import generate_vapid_keys
 from portal.services import accounts
-from portal.services import loyalty as ledger
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof, record_consent
-from portal.services.loyalty_program import load_program
 from portal.wallet_ws.issuer import apple_wallet
 from tests.conftest import CATALOG, app_config, csrf_from
 from tests.support.apple_wallet import dev_credentials, wallet_settings

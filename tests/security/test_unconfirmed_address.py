@@ -15,11 +15,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from portal import create_app
+from portal.loyalty import ledger
 from portal.models.consent import ConsentEvent
 from portal.models.google_wallet import GoogleWalletObject
 from portal.models.wallet import ApplePass
 from portal.services import accounts
-from portal.services import loyalty as ledger
 from portal.services.consent import current_states
 from portal.wallet_ws.issuer import apple_wallet
 from tests.conftest import Outbox, csrf_from, path_of, submit

@@ -20,11 +20,11 @@ from sqlalchemy.orm import Session
 from passes.google import SAVE_URL_PREFIX
 from passes.google_dev import create_dev_service_account
 from portal import create_app
-from portal.models.loyalty import Member
-from portal.services import loyalty as ledger
+from portal.loyalty import ledger
+from portal.loyalty.models import Member
+from portal.loyalty.program import load_program
 from portal.services.accounts import create_customer
 from portal.services.consent import Proof
-from portal.services.loyalty_program import load_program
 from portal.services.wallet_google import GoogleSettings
 from portal.wallet_sync import close_google_client
 from tests.conftest import CATALOG, app_config

@@ -12,17 +12,11 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from portal.core.db import make_engine
-from portal.models.catalog import TopicWording
-from portal.models.consent import ConsentEvent
-from portal.models.loyalty import LedgerEntry, Lot, LotAllocation, Member, TermsAcceptance
-from portal.outbox.models import Change
-from portal.services import idempotency, loyalty_hooks, privacy
-from portal.services import loyalty as ledger
-from portal.services.accounts import create_customer
-from portal.services.catalog import get_catalog
-from portal.services.consent import Proof
-from portal.services.loyalty_jobs import expire_points, recompute_tiers
-from portal.services.loyalty_program import (
+from portal.loyalty import hooks as loyalty_hooks
+from portal.loyalty import ledger
+from portal.loyalty.jobs import expire_points, recompute_tiers
+from portal.loyalty.models import LedgerEntry, Lot, LotAllocation, Member, TermsAcceptance
+from portal.loyalty.program import (
     TERMS_KEY,
     LoyaltyProgramError,
     NumberFormat,
@@ -33,6 +27,13 @@ from portal.services.loyalty_program import (
     parse_program,
     record_terms,
 )
+from portal.models.catalog import TopicWording
+from portal.models.consent import ConsentEvent
+from portal.outbox.models import Change
+from portal.services import idempotency, privacy
+from portal.services.accounts import create_customer
+from portal.services.catalog import get_catalog
+from portal.services.consent import Proof
 from tests.conftest import CATALOG, prepare_schema
 from tests.support.databases import PG_URL, fresh_database
 

@@ -14,15 +14,15 @@ from sqlalchemy.orm import Session
 from passes.apple import load_credentials, render_pass_json
 from portal.core.db import utcnow
 from portal.delivery.apns import PushOutcome, PushResult
+from portal.loyalty import ledger
+from portal.loyalty.models import Member
+from portal.loyalty.program import load_program
 from portal.models.customer import Customer
-from portal.models.loyalty import Member
 from portal.models.wallet import AppleDeviceRegistration, ApplePush, WalletNews
 from portal.outbox import changes
-from portal.services import loyalty as ledger
 from portal.services import wallet_apple as service
 from portal.services import wallet_apple_sync as sync
 from portal.services.consent import Proof
-from portal.services.loyalty_program import load_program
 from tests.conftest import CATALOG
 from tests.support.apple_wallet import (
     PASS_TYPE_ID,

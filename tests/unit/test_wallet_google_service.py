@@ -14,14 +14,14 @@ from sqlalchemy.orm import Session
 from passes.google import GoogleWalletValidationError, object_id_for
 from passes.google_dev import DEFAULT_DEV_CLIENT_EMAIL, create_dev_service_account
 from portal.core.db import utcnow
+from portal.loyalty.ledger import leave
+from portal.loyalty.models import Member
 from portal.models.customer import Customer
 from portal.models.google_wallet import GoogleNotification, GoogleWalletObject, WalletFeedCursor
-from portal.models.loyalty import Member
 from portal.services import wallet_google, wallet_messages
 from portal.services.catalog import get_catalog
 from portal.services.consent import Proof, record_consent
 from portal.services.decisions import CONTACT_RESOLVERS, decide_many
-from portal.services.loyalty import leave
 from tests.support.wallet_google import (
     ISSUER,
     PROGRAM,

@@ -29,12 +29,12 @@ from wtforms.validators import DataRequired
 
 from portal.auth import current_customer, login_required
 from portal.core.db import get_session, utcnow
+from portal.loyalty import hooks as loyalty_hooks
+from portal.loyalty import ledger
+from portal.loyalty.models import LedgerEntry, Member
+from portal.loyalty.program import PROGRAM_EXTENSION, LoyaltyProgram, load_program
 from portal.models.customer import Customer
-from portal.models.loyalty import LedgerEntry, Member
-from portal.services import loyalty as ledger
-from portal.services import loyalty_hooks
 from portal.services.consent import Proof
-from portal.services.loyalty_program import PROGRAM_EXTENSION, LoyaltyProgram, load_program
 from portal.web import transaction
 from portal.web.forms import PlainForm
 from portal.web.verification import unconfirmed

@@ -22,12 +22,12 @@ from sqlalchemy import Table, and_, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from portal.core.db import UTCDateTime, utcnow
+from portal.loyalty.ledger import earned_in_window, tier_change_payload
+from portal.loyalty.models import LedgerEntry, Lot, LotAllocation, Member
+from portal.loyalty.program import LoyaltyProgram
 from portal.models.customer import Customer
-from portal.models.loyalty import LedgerEntry, Lot, LotAllocation, Member
 from portal.outbox.changes import current_txid
 from portal.outbox.models import Change
-from portal.services.loyalty import earned_in_window, tier_change_payload
-from portal.services.loyalty_program import LoyaltyProgram
 
 BATCH = 1000
 ACTOR = "system:expiry"

@@ -20,12 +20,12 @@ from sqlalchemy.orm import Session
 
 from portal.core.db import utcnow
 from portal.core.fast_rows import Reader
+from portal.loyalty import ledger
+from portal.loyalty.models import LedgerEntry, Member, TermsAcceptance
+from portal.loyalty.program import LoyaltyProgram
 from portal.models.customer import Customer
-from portal.models.loyalty import LedgerEntry, Member, TermsAcceptance
 from portal.services import demo, identity
-from portal.services import loyalty as ledger
 from portal.services.consent import Proof
-from portal.services.loyalty_program import LoyaltyProgram
 from portal.services.privacy import PrivacyHooks
 
 HOOK = "loyalty"

@@ -28,12 +28,12 @@ from portal.api.idempotent import (
 )
 from portal.api.schema import DateTime, FieldError, Int, Obj, Str
 from portal.core.db import begin_write, get_session, utcnow
+from portal.loyalty import ledger
+from portal.loyalty.models import LedgerEntry, Member
+from portal.loyalty.program import LoyaltyProgram, add_months
 from portal.models.customer import Customer
-from portal.models.loyalty import LedgerEntry, Member
 from portal.services import identity
-from portal.services import loyalty as ledger
 from portal.services.consent import Proof
-from portal.services.loyalty_program import LoyaltyProgram, add_months
 
 READ = ("decisions:read", "loyalty:write")
 WRITE = ("loyalty:write",)
@@ -154,7 +154,7 @@ def _refused(exc: ledger.LoyaltyError) -> Response:
 
 
 def _program() -> LoyaltyProgram | None:
-    from portal.web.loyalty import current_program
+    from portal.loyalty.views import current_program
 
     return current_program(current_app._get_current_object())  # type: ignore[attr-defined]
 

@@ -13,13 +13,13 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from portal.core.db import new_session
-from portal.services.loyalty_program import LoyaltyProgram
+from portal.loyalty.program import LoyaltyProgram
 
 loyalty_cli = AppGroup("loyalty", help="The loyalty programme's ledger jobs.")
 
 
 def _program() -> LoyaltyProgram:
-    from portal.web.loyalty import current_program
+    from portal.loyalty.views import current_program
 
     program = current_program(current_app._get_current_object())  # type: ignore[attr-defined]
     if program is None:
@@ -31,7 +31,7 @@ def _program() -> LoyaltyProgram:
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Members per transaction.")
 def expire(batch_size: int) -> None:
-    from portal.services.loyalty_jobs import ExpiryReport, TierReport, expire_batches, tier_batches
+    from portal.loyalty.jobs import ExpiryReport, TierReport, expire_batches, tier_batches
 
     program = _program()
     session = new_session(current_app._get_current_object())  # type: ignore[attr-defined]
@@ -56,7 +56,7 @@ def expire(batch_size: int) -> None:
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Members per transaction.")
 def recompute_tiers(batch_size: int) -> None:
-    from portal.services.loyalty_jobs import TierReport, tier_batches
+    from portal.loyalty.jobs import TierReport, tier_batches
 
     program = _program()
     session = new_session(current_app._get_current_object())  # type: ignore[attr-defined]

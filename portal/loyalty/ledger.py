@@ -37,11 +37,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from portal.core.db import utcnow
+from portal.loyalty.models import LedgerEntry, Lot, LotAllocation, Member, TermsAcceptance
+from portal.loyalty.program import LoyaltyProgram, Tier, record_terms
 from portal.models.customer import Customer
-from portal.models.loyalty import LedgerEntry, Lot, LotAllocation, Member, TermsAcceptance
 from portal.outbox import changes
 from portal.services.consent import SOURCES, Proof
-from portal.services.loyalty_program import LoyaltyProgram, Tier, record_terms
 
 MAX_POINTS = 10_000_000
 CREDIT_KINDS = ("earn", "adjust")
