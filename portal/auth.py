@@ -6,7 +6,6 @@ address, after :data:`SESSION_IDLE_MINUTES` without a request, or after the abso
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
 from functools import wraps
 from typing import Any
 
@@ -24,11 +23,7 @@ ON_SIGN_IN: list[Callable[[Customer], None]] = []
 
 
 def limits() -> sign_ins.Limits:
-    """Idle time from ``SESSION_IDLE_MINUTES``; the absolute lifetime is the persistent
-    cookie's (``PERMANENT_SESSION_LIFETIME``, 31 days), for every way of signing in."""
-    return sign_ins.Limits(
-        idle=timedelta(minutes=float(current_app.config["SESSION_IDLE_MINUTES"])),
-        lifetime=current_app.permanent_session_lifetime)
+    return sign_ins.limits_from(current_app.config, current_app.permanent_session_lifetime)
 
 
 def _keep_locale_only() -> None:
@@ -108,15 +103,6 @@ def current_customer() -> Customer | None:
 
 def current_sign_in() -> SignInSession | None:
     return g.get("sign_in")
-
-
-def recently_authenticated() -> bool:
-    """Signed in with a password this session, or with a single-use confirmation link in the
-    last few minutes. A manage or verification link never counts."""
-    row = current_sign_in()
-    if row is None:
-        return False
-    return row.method == "password" or sign_ins.may_change_credentials(row, utcnow())
 
 
 def login_required(view: Callable[..., Any]) -> Callable[..., Any]:

@@ -157,9 +157,7 @@ def purge_sessions(app: Flask) -> int:
     from portal.core.db import new_session
     from portal.services import sign_ins
 
-    limits = sign_ins.Limits(
-        idle=timedelta(minutes=float(app.config["SESSION_IDLE_MINUTES"])),
-        lifetime=app.permanent_session_lifetime)
+    limits = sign_ins.limits_from(app.config, app.permanent_session_lifetime)
     session = new_session(app)
     with session.begin():
         removed = sign_ins.purge(session, limits)

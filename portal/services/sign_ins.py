@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, delete, or_, select, update
 from sqlalchemy.orm import Session
@@ -37,6 +39,13 @@ class Limits:
 
     idle: timedelta
     lifetime: timedelta
+
+
+def limits_from(config: Mapping[str, Any], lifetime: timedelta) -> Limits:
+    """Idle time from the ``SESSION_IDLE_MINUTES`` setting; ``lifetime`` is the persistent
+    cookie's (``PERMANENT_SESSION_LIFETIME``, 31 days), for every way of signing in."""
+    return Limits(idle=timedelta(minutes=float(config["SESSION_IDLE_MINUTES"])),
+                  lifetime=lifetime)
 
 
 def key_hash(key: str) -> str:

@@ -47,6 +47,7 @@ from portal.web.forms import (
     ResetForm,
     SignupForm,
 )
+from portal.web.verification import send_verification
 
 bp = Blueprint("account", __name__)
 
@@ -86,10 +87,7 @@ def signup() -> str | Response | tuple[str, int]:
             return render_template("account/signup.html", form=form), 422
         customer = result.customer
         if result.created:
-            mailer.send(customer.email or "", "verify", customer.locale,
-                        link=links.external("account.verify", token=links.token(
-                            "verify-email", {"c": customer.public_id, "m": customer.email,
-                                             "e": customer.auth_epoch})))
+            send_verification(customer)
         else:
             mailer.send(customer.email or "", "already_registered", customer.locale,
                         login=links.external("account.login"),
